@@ -1,0 +1,38 @@
+//! The raw volume under the encryption: a narrow positional-I/O trait, a file/block-device
+//! implementation, and an in-memory fake for tests.
+//!
+//! Offsets here are raw-volume byte offsets (the header lives at 0, the data area further on);
+//! the export translates data-area offsets before calling in.
+
+use std::io;
+
+pub mod file;
+pub mod mem;
+
+
+pub use mem::MemBackend;
+
+/// Positional I/O on the raw volume. Calls may run concurrently from several threads on
+/// disjoint or overlapping ranges; the export serialises overlapping writes itself.
+pub trait Backend: Send + Sync + 'static {
+    /// Size of the raw volume in bytes.
+    fn size(&self) -> u64;
+
+    /// Fills `buf` from `offset`; a short read (end of volume) is `UnexpectedEof`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+
+    /// Makes every completed write durable (fdatasync).
+    fn flush(&self) -> io::Result<()>;
+
+    /// Releases the storage of a range whose contents no longer matter. Backends that cannot
+    /// do this return `Unsupported`; callers treat discard as advisory.
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// A short human description for logs (`file /path`, `memory`).
+    fn describe(&self) -> String;
+}

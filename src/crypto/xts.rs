@@ -1,0 +1,5 @@
+//! (in progress)
+#[derive(Debug)]
+pub struct SectorCipher;
+#[derive(Debug)]
+pub enum CipherError {}
