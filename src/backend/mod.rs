@@ -9,12 +9,12 @@ use std::io;
 pub mod file;
 pub mod mem;
 
-
+pub use file::FileBackend;
 pub use mem::MemBackend;
 
 /// Positional I/O on the raw volume. Calls may run concurrently from several threads on
 /// disjoint or overlapping ranges; the export serialises overlapping writes itself.
-pub trait Backend: Send + Sync + 'static {
+pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Size of the raw volume in bytes.
     fn size(&self) -> u64;
 

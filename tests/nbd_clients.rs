@@ -1,0 +1,200 @@
+//! The daemon against real NBD clients: nbdinfo, nbdcopy, qemu-io, qemu-img, nbdsh (libnbd),
+//! and an ext4 filesystem over nbdfuse + loop.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+#[test]
+fn nbdinfo_reports_size_and_flags() {
+    let vol = Volume::new(64 << 20, 4096);
+    let d = Daemon::start(&vol, &[]);
+    let out = check(run("nbdinfo", &["--json", &d.uri]), "nbdinfo");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let e = &v["exports"][0];
+    assert_eq!(e["export-size"], (64u64 << 20) - (2 << 20));
+    for flag in ["can_flush", "can_fua", "can_multi_conn", "can_zero", "can_trim", "can_cache"] {
+        assert_eq!(e[flag], true, "{flag}: {e}");
+    }
+    assert_eq!(e["is_read_only"], false);
+    assert_eq!(e["block_size_minimum"], 512);
+    assert_eq!(e["block_size_preferred"], 4096);
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn nbdinfo_list_shows_the_export() {
+    let vol = Volume::new(8 << 20, 4096);
+    let d = Daemon::start(&vol, &[]);
+    let out = check(run("nbdinfo", &["--list", "--json", &format!("nbd://127.0.0.1:{}", d.port)]), "nbdinfo --list");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exports"][0]["export-name"], "t");
+}
+
+#[test]
+fn read_only_export_refuses_writes() {
+    let vol = Volume::new(8 << 20, 4096);
+    let d = Daemon::start(&vol, &["--read-only"]);
+    let out = check(run("nbdinfo", &["--json", &d.uri]), "nbdinfo");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exports"][0]["is_read_only"], true);
+    let w = run("qemu-io", &["-f", "raw", "-c", "write -P 1 0 4096", &d.uri]);
+    let text = String::from_utf8_lossy(&w.stdout).to_string() + &String::from_utf8_lossy(&w.stderr);
+    assert!(
+        text.to_lowercase().contains("read-only") || text.contains("not permitted") || !w.status.success(),
+        "{text}"
+    );
+}
+
+fn nbdcopy_round_trip(sector: u32) {
+    let vol = Volume::new(40 << 20, sector);
+    let d = Daemon::start(&vol, &[]);
+    let size = 38usize << 20;
+    let data = pseudo_random(size, sector as u64);
+    let src = vol.path("src.bin");
+    std::fs::write(&src, &data).unwrap();
+    check(run("nbdcopy", &["--flush", src.to_str().unwrap(), &d.uri]), "nbdcopy in");
+    let dst = vol.path("dst.bin");
+    check(run("nbdcopy", &[&d.uri, dst.to_str().unwrap()]), "nbdcopy out");
+    let back = std::fs::read(&dst).unwrap();
+    assert_eq!(sha256_hex(&back), sha256_hex(&data));
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
+fn nbdcopy_round_trip_4096_sectors() {
+    nbdcopy_round_trip(4096);
+}
+
+#[test]
+fn nbdcopy_round_trip_512_sectors() {
+    nbdcopy_round_trip(512);
+}
+
+#[test]
+fn qemu_io_writes_at_odd_512_byte_offsets() {
+    let vol = Volume::new(16 << 20, 4096);
+    let d = Daemon::start(&vol, &[]);
+    // Background pattern, then sub-sector writes straddling 4 KiB sectors, then checks of the
+    // written bytes and of their untouched neighbours.
+    let cmds = [
+        "write -P 0x11 0 65536",
+        "write -P 0xab 512 1536",
+        "write -P 0xcd 7680 1024",
+        "write -P 0xef 12800 8192",
+        "write -z 30208 3584",
+        "read -P 0x11 0 512",
+        "read -P 0xab 512 1536",
+        "read -P 0x11 2048 5632",
+        "read -P 0xcd 7680 1024",
+        "read -P 0x11 8704 4096",
+        "read -P 0xef 12800 8192",
+        "read -P 0x11 20992 9216",
+        "read -P 0 30208 3584",
+        "read -P 0x11 33792 31744",
+        "flush",
+    ];
+    let mut args = vec!["-f", "raw"];
+    for c in &cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(&d.uri);
+    let out = check(run("qemu-io", &args), "qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+    assert!(!text.contains("failed"), "{text}");
+}
+
+#[test]
+fn qemu_img_convert_and_compare() {
+    let vol = Volume::new(24 << 20, 512);
+    let d = Daemon::start(&vol, &[]);
+    let src = vol.path("src.raw");
+    let data = pseudo_random(22 << 20, 77);
+    std::fs::write(&src, &data).unwrap();
+    check(
+        run("qemu-img", &["convert", "-n", "-f", "raw", "-O", "raw", src.to_str().unwrap(), &d.uri]),
+        "qemu-img convert",
+    );
+    check(run("qemu-img", &["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), &d.uri]), "qemu-img compare");
+}
+
+#[test]
+fn nbdsh_many_concurrent_requests_match_a_shadow_copy() {
+    for sector in [4096u32, 512] {
+        let vol = Volume::new(12 << 20, sector);
+        let d = Daemon::start(&vol, &[]);
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/concurrent.py");
+        let out = run("/usr/bin/python3", &[script, &d.uri, "3000", &sector.to_string()]);
+        assert!(
+            out.status.success(),
+            "concurrent.py failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(d.stop(), 0);
+    }
+}
+
+#[test]
+fn mkfs_ext4_mount_and_verify_across_a_restart() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/e2e/mkfs-over-nbd.sh");
+    if std::env::var_os("NBDCRYPT_SKIP_E2E").is_some() {
+        eprintln!("skipped by NBDCRYPT_SKIP_E2E");
+        return;
+    }
+    assert!(std::path::Path::new(script).exists(), "{script} missing (../shared beside the checkout)");
+    let vol = Volume::new(256 << 20, 4096);
+    let state = vol.path("manifest");
+    let d = Daemon::start(&vol, &[]);
+    let uri = d.uri.clone();
+    let w = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&uri)
+        .env("PHASE", "write")
+        .env("STATE", &state)
+        .output()
+        .unwrap();
+    assert!(
+        w.status.success(),
+        "write phase:\n{}\n{}",
+        String::from_utf8_lossy(&w.stdout),
+        String::from_utf8_lossy(&w.stderr)
+    );
+    assert_eq!(d.stop(), 0);
+    // Same port again, so the manifest's URI still applies.
+    let port = uri.split(':').nth(2).unwrap().split('/').next().unwrap().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::spawn(
+        &[
+            "serve",
+            vol.image.to_str().unwrap(),
+            "--export",
+            "t",
+            "--listen",
+            &listen,
+            "--kek-file",
+            vol.kek.to_str().unwrap(),
+        ],
+        vol.dir.path(),
+        uri.clone(),
+        port.parse().unwrap(),
+    )
+    .unwrap();
+    let v = std::process::Command::new("bash")
+        .arg(script)
+        .arg(&uri)
+        .env("PHASE", "verify")
+        .env("STATE", &state)
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "verify phase:\n{}\n{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    assert_eq!(d.stop(), 0);
+}
