@@ -8,12 +8,17 @@
 //! requests in flight, and each sector is written whole).
 //!
 //! This is also the one place where failures become NBD errnos: [`ExportError::errno`].
+//!
+//! The sector cipher sits behind a [`CipherGate`]: `nbdcrypt suspend` drops it (the key
+//! schedules are freed) and cipher calls wait until `resume` gives a new one; the I/O paths
+//! below do not change. The export also carries its [`ExportMetrics`].
 
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::backend::Backend;
-use crate::crypto::{CipherError, SectorCipher};
+use crate::crypto::{CipherError, CipherGate, GateError, GateState, SectorCipher};
+use crate::metrics::{ExportMetrics, Fault};
 use crate::nbd::proto;
 use crate::units::{ByteRange, SectorIndex, SectorSize};
 
@@ -50,6 +55,9 @@ pub enum ExportError {
     /// The sector cipher failed (never expected: its preconditions are checked at open).
     #[error("sector cipher failed")]
     Cipher(#[from] CipherError),
+    /// The export was suspended and the server shut down before it was resumed.
+    #[error("the export is suspended and the server is shutting down")]
+    ShuttingDown,
 }
 
 impl ExportError {
@@ -64,6 +72,31 @@ impl ExportError {
             ExportError::NoSpace(_) => proto::ENOSPC,
             ExportError::Io(_) => proto::EIO,
             ExportError::Cipher(_) => proto::EIO,
+            ExportError::ShuttingDown => proto::ESHUTDOWN,
+        }
+    }
+
+    /// Whose fault the failure is, for logging: a client's bad request is logged at debug, the
+    /// server's failures also at warn (rate-limited). Exhaustive, like [`ExportError::errno`].
+    pub fn fault(&self) -> Fault {
+        match self {
+            ExportError::ReadOutOfRange { .. }
+            | ExportError::WriteOutOfRange { .. }
+            | ExportError::ReadOnly
+            | ExportError::TooLarge { .. }
+            | ExportError::NotSupported(_) => Fault::Client,
+            ExportError::NoSpace(_) | ExportError::Io(_) | ExportError::Cipher(_) | ExportError::ShuttingDown => {
+                Fault::Server
+            }
+        }
+    }
+}
+
+impl From<GateError> for ExportError {
+    fn from(e: GateError) -> Self {
+        match e {
+            GateError::Closed => ExportError::ShuttingDown,
+            GateError::Cipher(c) => ExportError::Cipher(c),
         }
     }
 }
@@ -102,13 +135,59 @@ pub struct Export {
     opts: ExportOptions,
     geometry: Geometry,
     backend: Arc<dyn Backend>,
-    cipher: SectorCipher,
+    cipher: CipherGate,
     locks: RangeLocks,
+    metrics: ExportMetrics,
 }
 
 impl Export {
     pub fn new(opts: ExportOptions, geometry: Geometry, backend: Arc<dyn Backend>, cipher: SectorCipher) -> Self {
-        Export { opts, geometry, backend, cipher, locks: RangeLocks::default() }
+        let metrics = ExportMetrics::default();
+        metrics.set_unlocked(Some(std::time::SystemTime::now()));
+        Export { opts, geometry, backend, cipher: CipherGate::new(cipher), locks: RangeLocks::default(), metrics }
+    }
+
+    pub fn metrics(&self) -> &ExportMetrics {
+        &self.metrics
+    }
+
+    /// The raw volume (for re-reading the header on resume).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Drops the sector cipher, so no key schedule of this volume is left in memory, then
+    /// flushes. Requests that need the cipher wait until [`Export::resume`]. The cipher goes
+    /// first so that a failing flush cannot leave the key in memory; the flush still covers
+    /// every write acknowledged before the suspend. Returns `Ok(false)` if already suspended.
+    /// Blocking: call it off the async runtime.
+    pub fn suspend(&self) -> Result<bool, ExportError> {
+        let suspended = self.cipher.suspend();
+        if suspended {
+            self.metrics.set_unlocked(None);
+        }
+        self.flush()?;
+        Ok(suspended)
+    }
+
+    /// Gives a suspended export its cipher back (built from a key that was unlocked again and
+    /// checked against this volume) and releases the waiting requests. False if not suspended.
+    pub fn resume(&self, cipher: SectorCipher) -> bool {
+        let resumed = self.cipher.resume(cipher);
+        if resumed {
+            self.metrics.set_unlocked(Some(std::time::SystemTime::now()));
+        }
+        resumed
+    }
+
+    /// At shutdown: requests waiting on a suspended export fail with `ESHUTDOWN` instead of
+    /// holding up the drain.
+    pub fn close(&self) {
+        self.cipher.close();
+    }
+
+    pub fn state(&self) -> GateState {
+        self.cipher.state()
     }
 
     pub fn name(&self) -> &str {

@@ -29,6 +29,7 @@ pub mod export;
 pub mod hardening;
 pub mod header;
 pub mod keys;
+pub mod metrics;
 pub mod nbd;
 pub mod server;
 pub mod units;

@@ -181,12 +181,15 @@ where
             Ok(Ok(Some(n))) => n,
         };
     let export = neg.export.name().to_owned();
+    let exp = neg.export.clone();
+    exp.metrics().connection_opened();
     tracing::info!(%peer, %export, structured = neg.structured_replies, "client connected");
     let (r, w) = tokio::io::split(stream);
     match transmission::serve(r, w, neg, ctx.opts.limits, ctx.shutdown.clone()).await {
         Ok(()) => tracing::info!(%peer, %export, "client disconnected"),
         Err(e) => tracing::info!(%peer, %export, error = %error_chain(&e), "connection closed"),
     }
+    exp.metrics().connection_closed();
 }
 
 /// "outer: cause: cause" for log lines.
