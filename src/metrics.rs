@@ -120,6 +120,18 @@ pub struct ExportMetrics {
     /// Unix seconds of the last unlock (open or resume); 0 while suspended.
     unlocked_at: AtomicU64,
     warn_limit: Mutex<WarnWindow>,
+    /// Connected clients (for `nbdcrypt status`), by connection id. Touched only at connect
+    /// and disconnect.
+    clients: Mutex<BTreeMap<u64, ClientInfo>>,
+    next_client: AtomicU64,
+}
+
+/// One connected client.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ClientInfo {
+    pub peer: String,
+    /// Unix seconds of the connection.
+    pub since: u64,
 }
 
 #[derive(Debug, Default)]
@@ -191,13 +203,20 @@ impl ExportMetrics {
         }
     }
 
-    pub fn connection_opened(&self) {
+    /// A client finished the handshake on this export; returns its id for
+    /// [`ExportMetrics::connection_closed`].
+    pub fn connection_opened(&self, peer: &str) -> u64 {
         self.connections.fetch_add(1, Ordering::Relaxed);
         self.connections_total.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_client.fetch_add(1, Ordering::Relaxed);
+        let since = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).insert(id, ClientInfo { peer: peer.to_owned(), since });
+        id
     }
 
-    pub fn connection_closed(&self) {
+    pub fn connection_closed(&self, id: u64) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
     }
 
     /// Records that the volume was unlocked now (`None`: it was locked, i.e. suspended).
@@ -223,6 +242,7 @@ impl ExportMetrics {
             connections: self.connections.load(Ordering::Relaxed),
             connections_total: load(&self.connections_total),
             unlocked_at: load(&self.unlocked_at),
+            clients: self.clients.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect(),
         }
     }
 }
@@ -237,6 +257,7 @@ pub struct ExportCounters {
     pub connections: i64,
     pub connections_total: u64,
     pub unlocked_at: u64,
+    pub clients: Vec<ClientInfo>,
 }
 
 // ---------------------------------------------------------------------------------------------
