@@ -218,6 +218,9 @@ impl Config {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute, so the resolved paths mean the same from any working directory.
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        let base = base.as_path();
         let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
         let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
 
