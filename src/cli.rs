@@ -193,8 +193,13 @@ pub struct ServeArgs {
     pub metrics_listen: Option<std::net::SocketAddr>,
     /// The control socket for status/suspend/resume ("" turns it off) [default:
     /// /run/nbdcrypt/NAME.ctl, NAME being the config file's stem or the export name].
-    #[arg(long)]
+    #[arg(long, value_parser = path_or_empty)]
     pub control_socket: Option<PathBuf>,
+}
+
+/// A path, where an empty string is allowed (it means "off").
+fn path_or_empty(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
 }
 
 fn parse_sector_size(s: &str) -> Result<u32, String> {

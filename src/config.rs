@@ -369,7 +369,8 @@ mod tests {
 
     #[test]
     fn ops_settings_default_to_off_and_a_socket_named_after_the_config() {
-        let c = Config::parse("[[export]]\nname = \"a\"\ndevice = \"d\"\n", Path::new("/etc/nbdcrypt/vol1.toml")).unwrap();
+        let c =
+            Config::parse("[[export]]\nname = \"a\"\ndevice = \"d\"\n", Path::new("/etc/nbdcrypt/vol1.toml")).unwrap();
         assert_eq!(c.metrics_listen, None);
         assert_eq!(c.control_socket, ControlSocket::Default(PathBuf::from("/run/nbdcrypt/vol1.ctl")));
         assert_eq!(c.log_level, None);

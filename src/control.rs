@@ -43,10 +43,15 @@ pub enum ControlRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum ControlResponse {
-    Done { message: String },
+    Done {
+        message: String,
+    },
     Status(DaemonStatus),
     /// The request failed; `exit_code` is what the client command exits with (README table).
-    Error { message: String, exit_code: i32 },
+    Error {
+        message: String,
+        exit_code: i32,
+    },
 }
 
 /// What `nbdcrypt status` shows.

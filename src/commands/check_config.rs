@@ -126,8 +126,11 @@ mod tests {
 
     #[test]
     fn a_missing_kek_file_is_a_problem() {
-        let c = Config::parse("[[export]]\nname = \"a\"\ndevice = \"/dev/null\"\nkek_files = [\"/nonexistent.kek\"]\n", Path::new("/x.toml"))
-            .unwrap();
+        let c = Config::parse(
+            "[[export]]\nname = \"a\"\ndevice = \"/dev/null\"\nkek_files = [\"/nonexistent.kek\"]\n",
+            Path::new("/x.toml"),
+        )
+        .unwrap();
         let p = check_files(&c);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains("/nonexistent.kek"));

@@ -63,7 +63,11 @@ pub(super) async fn suspend(t: &ControlTarget, export: Option<String>) -> Result
     Ok(())
 }
 
-pub(super) async fn resume(t: &ControlTarget, export: Option<String>, kek_file: Option<PathBuf>) -> Result<(), CmdError> {
+pub(super) async fn resume(
+    t: &ControlTarget,
+    export: Option<String>,
+    kek_file: Option<PathBuf>,
+) -> Result<(), CmdError> {
     // The daemon runs elsewhere (another cwd): send an absolute path. Only the path goes.
     let kek_file = match kek_file {
         Some(p) => Some(std::path::absolute(&p).map_err(super::io_err(format!("bad path {}", p.display())))?),
@@ -75,13 +79,14 @@ pub(super) async fn resume(t: &ControlTarget, export: Option<String>, kek_file: 
 
 pub(super) async fn status(t: &ControlTarget, json: bool) -> Result<(), CmdError> {
     let ControlResponse::Status(st) = request(t, ControlRequest::Status).await? else {
-        return Err(CmdError::Remote { message: "the daemon answered status with something else".into(), exit_code: 1 });
+        return Err(CmdError::Remote {
+            message: "the daemon answered status with something else".into(),
+            exit_code: 1,
+        });
     };
     if json {
-        let text = serde_json::to_string_pretty(&st).map_err(|e| CmdError::Io {
-            what: "cannot encode the status".into(),
-            source: std::io::Error::other(e),
-        })?;
+        let text = serde_json::to_string_pretty(&st)
+            .map_err(|e| CmdError::Io { what: "cannot encode the status".into(), source: std::io::Error::other(e) })?;
         println!("{text}");
     } else {
         print!("{}", render(&st));

@@ -21,7 +21,8 @@ pub(super) fn manpage(dir: Option<&Path>) -> Result<(), CmdError> {
     match dir {
         Some(dir) => {
             std::fs::create_dir_all(dir).map_err(io_err(format!("cannot create {}", dir.display())))?;
-            clap_mangen::generate_to(cmd, dir).map_err(io_err(format!("cannot write man pages to {}", dir.display())))?;
+            clap_mangen::generate_to(cmd, dir)
+                .map_err(io_err(format!("cannot write man pages to {}", dir.display())))?;
             println!("wrote man pages to {}", dir.display());
             Ok(())
         }

@@ -18,7 +18,9 @@ use super::{format_backend, io_err, CmdError};
 use crate::backend::FileBackend;
 use crate::cli::ServeArgs;
 use crate::config::{Config, ControlSocket, CreateConfig, ExportConfig, DEFAULT_LISTEN};
-use crate::control::{self, ControlHandler, ControlRequest, ControlResponse, ControlServer, DaemonStatus, ExportStatus};
+use crate::control::{
+    self, ControlHandler, ControlRequest, ControlResponse, ControlServer, DaemonStatus, ExportStatus,
+};
 use crate::crypto::{GateState, SectorCipher};
 use crate::export::{Export, ExportOptions};
 use crate::keys::{local, BoxFuture, KeyProvider};
@@ -61,8 +63,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
         served.push(open_export(cfg).await?);
     }
     let default_export = (served.len() == 1).then(|| served[0].cfg.name.clone());
-    let exports: HashMap<String, Arc<Export>> =
-        served.iter().map(|s| (s.cfg.name.clone(), s.export.clone())).collect();
+    let exports: HashMap<String, Arc<Export>> = served.iter().map(|s| (s.cfg.name.clone(), s.export.clone())).collect();
     let daemon = Arc::new(Daemon { served, started, start_time: SystemTime::now() });
 
     let mut bound = Vec::new();
@@ -73,10 +74,14 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
     }
     let control = bind_control(&config.control_socket).await?;
     let metrics = match config.metrics_listen {
-        Some(addr) => Some(start_metrics(addr, &daemon).await.map_err(io_err(format!("cannot serve metrics on {addr}")))?),
+        Some(addr) => {
+            Some(start_metrics(addr, &daemon).await.map_err(io_err(format!("cannot serve metrics on {addr}")))?)
+        }
         None => None,
     };
 
+    // Handlers go in before READY: a SIGTERM right after READY must drain, not kill.
+    let signals = Signals::install().map_err(io_err("cannot install signal handlers"))?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     if let Some(c) = control {
         tokio::spawn(c.run(daemon.clone(), shutdown_rx.clone()));
@@ -89,7 +94,8 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
         handshake_timeout: Duration::from_secs(config.handshake_timeout_secs),
         ..Default::default()
     };
-    let signals = tokio::spawn(handle_signals(args, Reloadable { config, metrics }, daemon.clone(), shutdown_tx));
+    let signals =
+        tokio::spawn(handle_signals(signals, args, Reloadable { config, metrics }, daemon.clone(), shutdown_tx));
     let catalog = Catalog { exports: Arc::new(exports), default_export };
     server::run(bound, catalog, opts, shutdown_rx).await;
     if let Ok(r) = signals.await {
@@ -180,7 +186,9 @@ async fn bind_control(cs: &ControlSocket) -> Result<Option<ControlServer>, CmdEr
             tracing::warn!(path = %p.display(), error = %e, "no control socket (status/suspend/resume unavailable); set server.control_socket");
             Ok(None)
         }
-        (Err((p, e)), _) => Err(CmdError::Io { what: format!("cannot bind the control socket {}", p.display()), source: e }),
+        (Err((p, e)), _) => {
+            Err(CmdError::Io { what: format!("cannot bind the control socket {}", p.display()), source: e })
+        }
     }
 }
 
@@ -197,27 +205,38 @@ struct Reloadable {
     metrics: Option<MetricsServer>,
 }
 
+/// The signals the daemon handles.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Waits for signals: SIGTERM/SIGINT start the shutdown, SIGHUP reloads. Returns the reloadable
 /// state (its metrics endpoint is stopped by the caller dropping it).
 async fn handle_signals(
+    mut sig: Signals,
     args: ServeArgs,
     mut state: Reloadable,
     daemon: Arc<Daemon>,
     shutdown: watch::Sender<bool>,
 ) -> Reloadable {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        // Without signal handlers the process still dies on the default action.
-        std::future::pending::<()>().await;
-        return state;
-    };
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => reload(&args, &mut state, &daemon).await,
+            _ = sig.term.recv() => break,
+            _ = sig.int.recv() => break,
+            _ = sig.hup.recv() => reload(&args, &mut state, &daemon).await,
         }
     }
     tracing::info!("shutdown requested: draining in-flight requests");
@@ -251,7 +270,9 @@ async fn reload(args: &ServeArgs, state: &mut Reloadable, daemon: &Arc<Daemon>) 
     };
     match logging::reload_level(new.log_level.as_deref()) {
         Ok(LevelChange::Applied(level)) => tracing::info!(%level, "SIGHUP: log level applied"),
-        Ok(LevelChange::Overridden(by)) => tracing::info!(by, "SIGHUP: log level fixed by the command line or environment"),
+        Ok(LevelChange::Overridden(by)) => {
+            tracing::info!(by, "SIGHUP: log level fixed by the command line or environment")
+        }
         Ok(LevelChange::NotInitialised) => {}
         Err(e) => tracing::error!(error = %e, "SIGHUP: log level not applied"),
     }
@@ -284,12 +305,8 @@ async fn reload(args: &ServeArgs, state: &mut Reloadable, daemon: &Arc<Daemon>) 
 
 impl Daemon {
     fn status_line(&self) -> String {
-        let suspended: Vec<&str> = self
-            .served
-            .iter()
-            .filter(|s| s.export.state() != GateState::Active)
-            .map(|s| s.cfg.name.as_str())
-            .collect();
+        let suspended: Vec<&str> =
+            self.served.iter().filter(|s| s.export.state() != GateState::Active).map(|s| s.cfg.name.as_str()).collect();
         if suspended.is_empty() {
             format!("serving {} export(s)", self.served.len())
         } else {
@@ -368,7 +385,8 @@ impl Daemon {
                 }
                 Ok(Ok(false)) => done.push(format!("{}: already suspended", s.cfg.name)),
                 Ok(Err(e)) => {
-                    let message = format!("{}: suspended, but the flush failed: {}", s.cfg.name, server::error_chain(&e));
+                    let message =
+                        format!("{}: suspended, but the flush failed: {}", s.cfg.name, server::error_chain(&e));
                     tracing::error!(export = %s.cfg.name, error = %server::error_chain(&e), "flush at suspend failed");
                     return ControlResponse::Error { message, exit_code: 1 };
                 }
@@ -418,7 +436,10 @@ impl ControlHandler for Daemon {
                 ControlRequest::Suspend { export } => self.suspend(export.as_deref()).await,
                 ControlRequest::Resume { export, kek_file } => {
                     if kek_file.as_deref().is_some_and(|p| !p.is_absolute()) {
-                        return ControlResponse::Error { message: "kek_file must be an absolute path".into(), exit_code: 2 };
+                        return ControlResponse::Error {
+                            message: "kek_file must be an absolute path".into(),
+                            exit_code: 2,
+                        };
                     }
                     self.resume(export.as_deref(), kek_file.as_deref()).await
                 }
