@@ -3,6 +3,8 @@
 //! threads sharing one cipher (as the blocking pool does). Alternating short slices, best of
 //! many rounds, as in `benches/xts.rs`. Run with `cargo bench --bench gate`.
 
+#![allow(clippy::unwrap_used)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -19,6 +19,14 @@
 //! - [`keys`]: key providers that wrap and unwrap the volume key.
 //! - [`volume`]: opening a volume: read the header, unlock a slot, verify, build an export.
 //! - [`cli`], [`config`], [`commands`]: the command line, the TOML config, and the commands.
+//!
+//! Operations, beside the data path:
+//!
+//! - [`metrics`]: per-export atomic counters and the KMS hook, encoded as Prometheus text;
+//!   [`metrics_http`] serves them.
+//! - [`control`]: the control socket protocol behind `status`, `suspend` and `resume` (the
+//!   suspend gate itself is [`crypto::CipherGate`], inside the export).
+//! - [`logging`]: tracing setup with a reloadable level; [`notify`]: systemd's `sd_notify`.
 
 pub mod backend;
 pub mod cli;

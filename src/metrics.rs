@@ -187,19 +187,30 @@ impl ExportMetrics {
         if fault == Fault::Client {
             return;
         }
+        let (warn, suppressed_before) = self.warn_admit(Instant::now());
+        if let Some(n) = suppressed_before {
+            tracing::warn!(%export, suppressed = n, window_secs = WARN_WINDOW.as_secs(), "suppressed request-error warnings");
+        }
+        if warn {
+            tracing::warn!(%export, command = COMMANDS[command_index(cmd)], offset, len, %error, "request failed");
+        }
+    }
+
+    /// The rate limit: whether a failure at `now` may be logged at warn, and the count of
+    /// warnings suppressed in the window that `now` closed, if any.
+    fn warn_admit(&self, now: Instant) -> (bool, Option<u64>) {
         let mut w = self.warn_limit.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
+        let mut closed = None;
         if w.start.is_none_or(|s| now.duration_since(s) >= WARN_WINDOW) {
-            if w.suppressed > 0 {
-                tracing::warn!(%export, suppressed = w.suppressed, window_secs = WARN_WINDOW.as_secs(), "suppressed request-error warnings");
-            }
+            closed = (w.suppressed > 0).then_some(w.suppressed);
             *w = WarnWindow { start: Some(now), logged: 0, suppressed: 0 };
         }
         if w.logged < WARN_BURST {
             w.logged += 1;
-            tracing::warn!(%export, command = COMMANDS[command_index(cmd)], offset, len, %error, "request failed");
+            (true, closed)
         } else {
             w.suppressed += 1;
+            (false, closed)
         }
     }
 
@@ -532,6 +543,17 @@ mod tests {
         assert_eq!(d.errors["other"], 40 - MAX_ERROR_CODES as u64);
         assert_eq!(d.ok, 1);
         assert_eq!(d.latency.count(), 41);
+    }
+
+    #[test]
+    fn warnings_are_limited_per_window_then_summarised() {
+        let m = ExportMetrics::default();
+        let t0 = Instant::now();
+        let admitted = (0..25).filter(|_| m.warn_admit(t0).0).count();
+        assert_eq!(admitted, WARN_BURST as usize);
+        // The next window reports the 15 suppressed and logs again.
+        assert_eq!(m.warn_admit(t0 + WARN_WINDOW), (true, Some(15)));
+        assert_eq!(m.warn_admit(t0 + WARN_WINDOW), (true, None));
     }
 
     #[test]

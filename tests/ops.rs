@@ -25,11 +25,14 @@ fn repo(p: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
 }
 
-/// A scrape parsed by prometheus_client: sample name → list of (labels, value).
+/// One sample: its labels and value.
+type Sample = (HashMap<String, String>, f64);
+
+/// A scrape parsed by prometheus_client: sample name → its samples.
 struct Scrape {
     seconds: f64,
     content_type: String,
-    samples: HashMap<String, Vec<(HashMap<String, String>, f64)>>,
+    samples: HashMap<String, Vec<Sample>>,
 }
 
 impl Scrape {
