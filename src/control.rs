@@ -33,7 +33,7 @@ pub const DEFAULT_DIR: &str = "/run/nbdcrypt";
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ControlRequest {
     /// Exports, clients, counters, state.
-    Status,
+    Status {},
     /// Drop the key of one export (or all), holding I/O.
     Suspend { export: Option<String> },
     /// Unlock one export (or all suspended ones) again through a key slot.
@@ -252,7 +252,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
         let (tx, rx) = watch::channel(false);
         let task = tokio::spawn(server.run(Arc::new(Echo), rx));
-        let r = call(&path, &ControlRequest::Status, Duration::from_secs(5)).await.unwrap();
+        let r = call(&path, &ControlRequest::Status {}, Duration::from_secs(5)).await.unwrap();
         assert_eq!(r, ControlResponse::Done { message: "Status".into() });
         tx.send(true).unwrap();
         task.await.unwrap();

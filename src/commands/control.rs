@@ -78,7 +78,7 @@ pub(super) async fn resume(
 }
 
 pub(super) async fn status(t: &ControlTarget, json: bool) -> Result<(), CmdError> {
-    let ControlResponse::Status(st) = request(t, ControlRequest::Status).await? else {
+    let ControlResponse::Status(st) = request(t, ControlRequest::Status {}).await? else {
         return Err(CmdError::Remote {
             message: "the daemon answered status with something else".into(),
             exit_code: 1,

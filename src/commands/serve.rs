@@ -432,7 +432,7 @@ impl ControlHandler for Daemon {
     fn handle(&self, req: ControlRequest) -> BoxFuture<'_, ControlResponse> {
         Box::pin(async move {
             match req {
-                ControlRequest::Status => ControlResponse::Status(self.status()),
+                ControlRequest::Status {} => ControlResponse::Status(self.status()),
                 ControlRequest::Suspend { export } => self.suspend(export.as_deref()).await,
                 ControlRequest::Resume { export, kek_file } => {
                     if kek_file.as_deref().is_some_and(|p| !p.is_absolute()) {
