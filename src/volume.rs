@@ -203,3 +203,96 @@ pub fn into_export(u: Unlocked, opts: ExportOptions) -> Result<(Arc<Export>, Hea
 
 /// Re-export for commands that only need the constant.
 pub const DEFAULT_DATA_OFFSET: u64 = header::DEFAULT_DATA_OFFSET;
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::crypto::Kek;
+    use crate::header::{Binding, KeySlot};
+    use crate::keys::{kms, KeyProvider, Keyring, LocalProvider};
+    use crate::units::SectorSize;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    }
+
+    fn local() -> LocalProvider {
+        LocalProvider::from_kek(Kek::generate().unwrap(), Path::new("/test.kek"))
+    }
+
+    /// A header with one slot per provider, all wrapping the same key.
+    fn header_with(providers: &[&dyn KeyProvider], binding: Option<&str>) -> (Header, VolumeKey) {
+        let key = VolumeKey::generate().unwrap();
+        let uuid = uuid::Uuid::new_v4();
+        let binding = binding.map(|b| Binding { volume_id: b.into() });
+        let mut h = Header::new(uuid, SectorSize::S4096, DEFAULT_DATA_OFFSET, 1 << 20, binding, &key).unwrap();
+        for (id, p) in providers.iter().enumerate() {
+            let ctx = crate::keys::slot_context(&uuid, None, &[]).unwrap();
+            let w = block_on(p.wrap(&key, &ctx)).unwrap();
+            h.slots.push(KeySlot {
+                id: id as u32,
+                provider: p.kind().into(),
+                key_id: w.key_id,
+                wrapped: w.ciphertext,
+                context: ctx,
+                created: 0,
+            });
+        }
+        (h, key)
+    }
+
+    #[test]
+    fn unlock_uses_the_first_slot_a_provider_opens() {
+        let (a, b) = (local(), local());
+        let (h, key) = header_with(&[&a, &b], None);
+        let ring = Keyring::with_providers(vec![Box::new(local()), Box::new(b)]);
+        let (got, slot) = block_on(unlock(&h, &ring)).unwrap();
+        assert_eq!((got.expose(), slot), (key.expose(), 1));
+    }
+
+    #[test]
+    fn unlock_where_skips_excluded_slots() {
+        let a = local();
+        let (h, _) = header_with(&[&a], None);
+        let ring = Keyring::with_providers(vec![Box::new(a)]);
+        let err = block_on(unlock_where(&h, &ring, |s| s.id != 0)).unwrap_err();
+        assert!(matches!(err, VolumeError::NoUsableSlot(_)), "{err}");
+    }
+
+    #[test]
+    fn a_kms_slot_without_kms_is_reported_not_fatal() {
+        let a = local();
+        let (mut h, key) = header_with(&[&a], None);
+        let mut kms_slot = h.slots[0].clone();
+        kms_slot.id = 5;
+        kms_slot.provider = kms::KIND.into();
+        kms_slot.key_id = "arn:aws:kms:eu-west-1:111122223333:key/x".into();
+        h.slots.insert(0, kms_slot);
+        let ring = Keyring::with_providers(vec![Box::new(a)]);
+        let (got, slot) = block_on(unlock(&h, &ring)).unwrap();
+        assert_eq!((got.expose(), slot), (key.expose(), 0));
+    }
+
+    #[test]
+    fn a_plain_provider_list_still_works() {
+        let a = local();
+        let (h, _) = header_with(&[&a], None);
+        let providers: Vec<Box<dyn KeyProvider>> = vec![Box::new(a)];
+        assert_eq!(block_on(unlock(&h, &providers)).unwrap().1, 0);
+    }
+
+    #[test]
+    fn binding_check_warns_or_refuses() {
+        let (h, _) = header_with(&[], Some("vol-0abc"));
+        assert!(check_binding(&h, Some("vol0ABC"), true).is_ok());
+        assert!(check_binding(&h, Some("vol-0def"), false).is_ok());
+        assert!(matches!(check_binding(&h, Some("vol-0def"), true), Err(VolumeError::BindingMismatch { .. })));
+        assert!(check_binding(&h, None, false).is_ok());
+        assert!(matches!(check_binding(&h, None, true), Err(VolumeError::BindingUnknown { .. })));
+        let (unbound, _) = header_with(&[], None);
+        assert!(check_binding(&unbound, Some("vol-0def"), true).is_ok());
+        assert_eq!(VolumeError::BindingUnknown { bound: "x".into() }.exit_code(), 4);
+    }
+}

@@ -78,6 +78,7 @@ fn read_backup_file(file: &Path) -> Result<Header, CmdError> {
 
 fn restore(file: &Path, device: &Path, yes: bool) -> Result<(), CmdError> {
     let mut backup = read_backup_file(file)?;
+    let _lock = super::lock_header(device)?;
     let dev = open(device, true)?;
     let needed = backup.data_end().unwrap_or(u64::MAX);
     if needed > dev.size() {
@@ -146,6 +147,7 @@ fn restore(file: &Path, device: &Path, yes: bool) -> Result<(), CmdError> {
 }
 
 fn repair(device: &Path) -> Result<(), CmdError> {
+    let _lock = super::lock_header(device)?;
     let dev = open(device, true)?;
     let loaded = store::load(&dev)?;
     let seq = loaded.header.seq;

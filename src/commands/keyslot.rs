@@ -57,6 +57,7 @@ pub(super) fn describe(s: &KeySlot) -> String {
 async fn add(args: KeyslotAddArgs) -> Result<(), CmdError> {
     let ring = keyring(&args.kek_file, &args.kms)?;
     let new_provider = ring.provider_for_spec(&args.key).await?;
+    let _lock = super::lock_header(&args.device)?;
     let backend = volume::open_backend(&args.device, true)?;
     let u = volume::unlock_backend(backend.clone(), &ring).await?;
     let h = u.header();
@@ -107,6 +108,7 @@ pub(super) async fn wrap_verified(
 }
 
 async fn remove(args: KeyslotRemoveArgs) -> Result<(), CmdError> {
+    let _lock = super::lock_header(&args.device)?;
     let backend = volume::open_backend(&args.device, true)?;
     let loaded = store::load(backend.as_ref())?;
     let h = &loaded.header;

@@ -95,6 +95,22 @@ pub fn keyring(kek_files: &[PathBuf], kms: &KmsArgs) -> Result<Keyring, CmdError
     Ok(Keyring::new(kek_files, kms_options(kms))?)
 }
 
+/// An exclusive advisory lock (`flock`) on the device, held while a command reads, changes
+/// and writes the header, so that two nbdcrypt commands changing the same header at once
+/// cannot lose one's update. Released when the returned file is dropped.
+pub(crate) fn lock_header(device: &std::path::Path) -> Result<std::fs::File, CmdError> {
+    use rustix::fs::{flock, FlockOperation};
+    let f = std::fs::File::open(device).map_err(io_err(format!("cannot open {}", device.display())))?;
+    flock(&f, FlockOperation::NonBlockingLockExclusive).map_err(|e| CmdError::Io {
+        what: format!(
+            "{} is locked by another process (another nbdcrypt command changing its header?)",
+            device.display()
+        ),
+        source: e.into(),
+    })?;
+    Ok(f)
+}
+
 /// Asks the operator to type `yes` before something destructive or sensitive, unless `yes`
 /// was given. Without a terminal on stdin there is nobody to ask: refuse (exit code 5).
 pub(crate) fn confirm(what: &str, yes: bool) -> Result<(), CmdError> {

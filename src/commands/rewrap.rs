@@ -16,6 +16,7 @@ use crate::volume::{self, VolumeError};
 
 pub(super) async fn rewrap(args: RewrapArgs) -> Result<(), CmdError> {
     let ring = keyring(&args.kek_file, &args.kms)?;
+    let _lock = super::lock_header(&args.device)?;
     let backend = volume::open_backend(&args.device, true)?;
     let loaded = store::load(backend.as_ref())?;
     let h = &loaded.header;

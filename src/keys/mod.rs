@@ -290,4 +290,15 @@ mod tests {
         let b: EncryptionContext = [("a".to_string(), "bc".to_string())].into();
         assert_ne!(context_bytes(b"x", &a), context_bytes(b"x", &b));
     }
+
+    #[test]
+    fn slot_context_names_the_volume_and_binding_and_reserves_them() {
+        let uuid = uuid::Uuid::nil();
+        let ctx = slot_context(&uuid, Some("vol-1"), &[("app".into(), "db".into())]).unwrap();
+        assert_eq!(ctx.get(CONTEXT_VOLUME).map(String::as_str), Some("00000000-0000-0000-0000-000000000000"));
+        assert_eq!(ctx.get(CONTEXT_BINDING).map(String::as_str), Some("vol-1"));
+        assert_eq!(ctx.get("app").map(String::as_str), Some("db"));
+        assert!(slot_context(&uuid, None, &[(CONTEXT_VOLUME.into(), "x".into())]).is_err());
+        assert!(slot_context(&uuid, None, &[(CONTEXT_BINDING.into(), "x".into())]).is_err());
+    }
 }
