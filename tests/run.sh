@@ -15,7 +15,7 @@ APT_PACKAGES=(
     libnbd-bin nbdfuse python3-libnbd nbdkit fio qemu-utils fuse3 e2fsprogs util-linux
     python3-cryptography jq openssl gawk coreutils procps
 )
-PIP_PACKAGES=("moto[server]" cryptography)
+PIP_PACKAGES=("moto[server]" boto3 cryptography)
 
 install_deps() {
     local missing=() p
@@ -28,7 +28,7 @@ install_deps() {
         apt-get update -qq
         apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
-    if ! python3 -c 'import moto, cryptography' 2>/dev/null; then
+    if ! python3 -c 'import moto.server, boto3, cryptography' 2>/dev/null; then
         log "pip install ${PIP_PACKAGES[*]}"
         python3 -m pip install -q "${PIP_PACKAGES[@]}"
     fi
