@@ -34,7 +34,6 @@ use aws_sdk_kms::config::Region;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::Client;
-use tokio::sync::OnceCell;
 use zeroize::Zeroize;
 
 use super::{BoxFuture, EncryptionContext, KeyError, KeyProvider, Wrapped};
@@ -229,52 +228,52 @@ pub fn region_of_arn(key: &str) -> Option<&str> {
     (arn == "arn" && service == "kms" && !region.is_empty() && !resource.is_empty()).then_some(region)
 }
 
-/// Builds KMS providers on demand, sharing one AWS configuration (so credentials are resolved
-/// and cached once per process, not per slot).
+/// Builds KMS providers on demand, sharing one AWS configuration per region (so credentials
+/// are resolved and cached once per region and process, not per slot).
 #[derive(Debug)]
 pub struct KmsFactory {
     opts: KmsOptions,
     policy: RetryPolicy,
-    sdk: OnceCell<SdkConfig>,
+    /// Keyed by the region a key ARN names, `None` for keys given without one. A key ARN's
+    /// region goes into the loader, so the region chain (which may wait for IMDS off EC2) is
+    /// never consulted for it.
+    sdk: tokio::sync::Mutex<HashMap<Option<String>, SdkConfig>>,
 }
 
 impl KmsFactory {
     pub fn new(opts: KmsOptions) -> Self {
         let policy = RetryPolicy::for_deadline(opts.timeout);
-        KmsFactory { opts, policy, sdk: OnceCell::new() }
+        KmsFactory { opts, policy, sdk: tokio::sync::Mutex::new(HashMap::new()) }
     }
 
     pub fn options(&self) -> &KmsOptions {
         &self.opts
     }
 
-    async fn sdk(&self) -> &SdkConfig {
-        self.sdk
-            .get_or_init(|| async {
-                // Our own retry loop owns the deadline; the SDK's would multiply it.
-                let timeouts = TimeoutConfig::builder()
-                    .connect_timeout(self.policy.attempt_timeout.min(Duration::from_secs(5)))
-                    .build();
-                aws_config::defaults(BehaviorVersion::latest())
-                    .retry_config(RetryConfig::disabled())
-                    .timeout_config(timeouts)
-                    .load()
-                    .await
-            })
-            .await
+    async fn sdk(&self, region: Option<&str>) -> SdkConfig {
+        let mut configs = self.sdk.lock().await;
+        if let Some(c) = configs.get(&region.map(str::to_owned)) {
+            return c.clone();
+        }
+        // Our own retry loop owns the deadline; the SDK's would multiply it.
+        let timeouts =
+            TimeoutConfig::builder().connect_timeout(self.policy.attempt_timeout.min(Duration::from_secs(5))).build();
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(RetryConfig::disabled())
+            .timeout_config(timeouts);
+        if let Some(r) = region {
+            loader = loader.region(Region::new(r.to_owned()));
+        }
+        let c = loader.load().await;
+        configs.insert(region.map(str::to_owned), c.clone());
+        c
     }
 
     /// A provider for `key` (a key id, key ARN, alias name or alias ARN).
     pub async fn provider(&self, key: &str) -> Result<KmsProvider, KmsError> {
-        let sdk = self.sdk().await;
-        let mut conf = aws_sdk_kms::config::Builder::from(sdk);
-        let region = match region_of_arn(key) {
-            Some(r) => {
-                conf = conf.region(Region::new(r.to_owned()));
-                r.to_owned()
-            }
-            None => sdk.region().map(|r| r.to_string()).ok_or_else(|| KmsError::NoRegion { key: key.to_owned() })?,
-        };
+        let sdk = self.sdk(region_of_arn(key)).await;
+        let region = sdk.region().map(|r| r.to_string()).ok_or_else(|| KmsError::NoRegion { key: key.to_owned() })?;
+        let mut conf = aws_sdk_kms::config::Builder::from(&sdk);
         if let Some(url) = &self.opts.endpoint {
             conf = conf.endpoint_url(url);
         }
