@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::watch;
 
-use super::{format_backend, io_err, CmdError};
+use super::{format_backend, io_err, kms_options, CmdError};
 use crate::backend::FileBackend;
 use crate::cli::ServeArgs;
 use crate::config::{Config, ControlSocket, CreateConfig, ExportConfig, DEFAULT_LISTEN};
@@ -23,7 +23,7 @@ use crate::control::{
 };
 use crate::crypto::{GateState, SectorCipher};
 use crate::export::{Export, ExportOptions};
-use crate::keys::{local, BoxFuture, KeyProvider};
+use crate::keys::{local, BoxFuture, KeyProvider, Keyring, KmsOptions};
 use crate::logging::{self, LevelChange};
 use crate::metrics::{self, ExportView, ProcessView};
 use crate::metrics_http::MetricsServer;
@@ -44,6 +44,8 @@ struct Served {
 /// The running daemon, as the control socket and the metrics endpoint see it.
 struct Daemon {
     served: Vec<Served>,
+    /// For resume: KMS slots are unwrapped again.
+    kms: KmsOptions,
     started: Instant,
     start_time: SystemTime,
 }
@@ -58,13 +60,14 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
     let source = args.config.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "command line".into());
     tracing::info!(version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), config = %source, "starting");
 
+    let kms = kms_options(&args.kms);
     let mut served = Vec::new();
     for cfg in &config.exports {
-        served.push(open_export(cfg).await?);
+        served.push(open_export(cfg, &kms, args.strict_binding).await?);
     }
     let default_export = (served.len() == 1).then(|| served[0].cfg.name.clone());
     let exports: HashMap<String, Arc<Export>> = served.iter().map(|s| (s.cfg.name.clone(), s.export.clone())).collect();
-    let daemon = Arc::new(Daemon { served, started, start_time: SystemTime::now() });
+    let daemon = Arc::new(Daemon { served, kms, started, start_time: SystemTime::now() });
 
     let mut bound = Vec::new();
     for l in &config.listeners {
@@ -141,6 +144,8 @@ fn load_config(args: &ServeArgs) -> Result<Config, CmdError> {
                 allow_discards: args.allow_discards,
                 description: String::new(),
                 create: None,
+                device_id: args.device_id.clone(),
+                strict_binding: args.strict_binding,
             };
             Config {
                 listeners: l,
@@ -410,7 +415,7 @@ impl Daemon {
                 }
                 continue;
             }
-            match resume_one(s, kek_file).await {
+            match resume_one(s, &self.kms, kek_file).await {
                 Ok(true) => done.push(format!("{}: resumed (slot {})", s.cfg.name, s.slot.load(Ordering::Relaxed))),
                 Ok(false) => done.push(format!("{}: not suspended", s.cfg.name)),
                 Err(e) => {
@@ -451,12 +456,12 @@ impl ControlHandler for Daemon {
 /// Unlocks a suspended export again: re-reads the header from its raw volume, unwraps a slot
 /// (with `kek_file`, or the export's configured providers), checks that it is the same volume
 /// with the same geometry, and gives the export a new cipher. False if it was resumed meanwhile.
-async fn resume_one(s: &Served, kek_file: Option<&Path>) -> Result<bool, CmdError> {
-    let providers = match kek_file {
-        Some(p) => vec![Box::new(local::LocalProvider::load(p)?) as Box<dyn KeyProvider>],
-        None => providers_for(&s.cfg)?,
+async fn resume_one(s: &Served, kms: &KmsOptions, kek_file: Option<&Path>) -> Result<bool, CmdError> {
+    let keyring = match kek_file {
+        Some(p) => Keyring::new(&[p.to_owned()], kms.clone())?,
+        None => Keyring::new(&s.cfg.kek_files, kms.clone())?,
     };
-    let unlocked = volume::unlock_backend(s.export.backend().clone(), &providers).await?;
+    let unlocked = volume::unlock_backend(s.export.backend().clone(), &keyring).await?;
     let h = unlocked.header();
     let geo = s.export.geometry();
     if h.uuid.to_string() != s.uuid
@@ -481,24 +486,24 @@ async fn resume_one(s: &Served, kek_file: Option<&Path>) -> Result<bool, CmdErro
     Ok(true)
 }
 
-/// The key providers an export unlocks with.
-fn providers_for(cfg: &ExportConfig) -> Result<Vec<Box<dyn KeyProvider>>, CmdError> {
-    let mut providers: Vec<Box<dyn KeyProvider>> = Vec::new();
-    for path in &cfg.kek_files {
-        providers.push(Box::new(local::LocalProvider::load(path)?));
-    }
-    Ok(providers)
-}
-
-/// Opens (and on first start of a demo config, creates) one export.
-async fn open_export(cfg: &ExportConfig) -> Result<Served, CmdError> {
+/// Opens (and on first start of a demo config, creates) one export. KMS is contacted here
+/// (and on resume) only, once per aws-kms slot tried; serving never needs it.
+async fn open_export(cfg: &ExportConfig, kms: &KmsOptions, strict_binding: bool) -> Result<Served, CmdError> {
     if let Some(create) = &cfg.create {
         create_if_missing(cfg, create).await?;
     }
-    let providers = providers_for(cfg)?;
+    let keyring = Keyring::new(&cfg.kek_files, kms.clone())?;
     let backend = volume::open_backend(&cfg.device, !cfg.read_only)?;
-    let unlocked = volume::unlock_backend(backend.clone(), &providers).await?;
+    let device_id = cfg.device_id.clone().or_else(|| crate::identity::device_volume_id(&cfg.device));
+    let strict = strict_binding || cfg.strict_binding;
+    let unlock_started = Instant::now();
+    let unlocked = volume::unlock_backend_checked(backend.clone(), &keyring, |h| {
+        volume::check_binding(h, device_id.as_deref(), strict)
+    })
+    .await?;
+    let unlock_ms = unlock_started.elapsed().as_millis() as u64;
     let slot = unlocked.slot;
+    let slot_provider = unlocked.header().slot(slot).map(|s| s.provider.clone()).unwrap_or_default();
     let opts = ExportOptions {
         name: cfg.name.clone(),
         description: cfg.description.clone(),
@@ -507,7 +512,7 @@ async fn open_export(cfg: &ExportConfig) -> Result<Served, CmdError> {
     };
     let (export, h) = volume::into_export(unlocked, opts)?;
     tracing::info!(
-        export = %cfg.name, device = %backend.describe(), uuid = %h.uuid, slot,
+        export = %cfg.name, device = %backend.describe(), uuid = %h.uuid, slot, provider = %slot_provider, unlock_ms,
         sector_size = h.sector_size.bytes(), size = h.data_size, read_only = cfg.read_only,
         "volume unlocked"
     );
