@@ -476,3 +476,37 @@ fn nbd_client_negotiates_with_the_daemon_over_its_unix_socket() {
     assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l.trim() == "t"));
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn kms_calls_are_counted_and_resume_unwraps_through_kms_again() {
+    let mut kms = common::kms::KmsFixture::start();
+    let key = kms.create_key("us-east-1");
+    let vol = common::kms::KmsVolume::format(&kms, 8 << 20, 4096, &format!("aws-kms:{key}"), &[]);
+    let (port, mport) = (free_port(), free_port());
+    let (listen, maddr) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{mport}"));
+    let ctl = vol.path("ctl.sock");
+    let args = ["serve", vol.image(), "--export", "t", "--listen", &listen, "--metrics-listen", &maddr];
+    let mut args = args.to_vec();
+    args.extend(["--control-socket", ctl.to_str().unwrap()]);
+    let d = Daemon::spawn_with(&args, vol.dir.path(), format!("nbd://{listen}/t"), port, |c| {
+        kms.configure(c, Some(&kms.proxy_url()))
+    })
+    .unwrap();
+    assert_eq!(kms.count("Decrypt"), 1);
+
+    check(nbdcrypt(&["suspend", "--control-socket", ctl.to_str().unwrap()]), "suspend");
+    // One refused Decrypt, then the resume that works: both are counted.
+    kms.fault(serde_json::json!({"op": "Decrypt", "kind": "error", "code": "AccessDeniedException", "count": 1}));
+    let out = nbdcrypt(&["resume", "--control-socket", ctl.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    check(nbdcrypt(&["resume", "--control-socket", ctl.to_str().unwrap()]), "resume");
+    assert_eq!(kms.count("Decrypt"), 3);
+
+    let s = Scrape::get(&format!("http://{maddr}/metrics"));
+    assert_eq!(s.value("nbdcrypt_kms_requests_total", &[("op", "Decrypt"), ("result", "ok")]), 2.0);
+    assert_eq!(s.value("nbdcrypt_kms_requests_total", &[("op", "Decrypt"), ("result", "error")]), 1.0);
+    assert_eq!(s.value("nbdcrypt_kms_errors_total", &[("op", "Decrypt"), ("code", "access_denied")]), 1.0);
+    assert_eq!(s.value("nbdcrypt_kms_request_duration_seconds_count", &[("op", "Decrypt")]), 3.0);
+    assert_eq!(s.value("nbdcrypt_suspended", &[("export", "t")]), 0.0);
+    assert_eq!(d.stop(), 0);
+}

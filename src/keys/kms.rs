@@ -421,8 +421,9 @@ impl KmsProvider {
         })
         .await;
         // One logical call (retries included) per sample.
+        // Op names are IAM actions ("kms:Decrypt"); the metric name already says kms.
         crate::metrics::kms_metrics().record(
-            op,
+            op.strip_prefix("kms:").unwrap_or(op),
             started.elapsed(),
             r.as_ref().map(|_| ()).map_err(KmsError::metric_code),
         );
