@@ -100,6 +100,10 @@ fn render(c: &Config) -> String {
         let keks: Vec<String> = e.kek_files.iter().map(|k| q(&k.display().to_string())).collect();
         let _ = writeln!(o, "kek_files = [{}]", keks.join(", "));
         let _ = writeln!(o, "read_only = {}\nallow_discards = {}", e.read_only, e.allow_discards);
+        if let Some(id) = &e.device_id {
+            let _ = writeln!(o, "device_id = {}", q(id));
+        }
+        let _ = writeln!(o, "strict_binding = {}", e.strict_binding);
         if let Some(cr) = &e.create {
             let _ = writeln!(o, "create = {{ size = \"{}\", sector_size = {} }}", cr.size, cr.sector_size.bytes());
         }
