@@ -10,6 +10,7 @@
 //! This is also the one place where failures become NBD errnos: [`ExportError::errno`].
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::backend::Backend;
@@ -53,6 +54,19 @@ pub enum ExportError {
 }
 
 impl ExportError {
+    /// Whether the raw volume (or the cipher) failed, as opposed to a request refused for
+    /// what it asked. These are the errors [`Export::io_errors`] counts.
+    pub fn is_io(&self) -> bool {
+        match self {
+            ExportError::NoSpace(_) | ExportError::Io(_) | ExportError::Cipher(_) => true,
+            ExportError::ReadOutOfRange { .. }
+            | ExportError::WriteOutOfRange { .. }
+            | ExportError::ReadOnly
+            | ExportError::TooLarge { .. }
+            | ExportError::NotSupported(_) => false,
+        }
+    }
+
     /// The NBD error code for the reply. Exhaustive on purpose: a new variant must pick one.
     pub fn errno(&self) -> u32 {
         match self {
@@ -104,11 +118,13 @@ pub struct Export {
     backend: Arc<dyn Backend>,
     cipher: SectorCipher,
     locks: RangeLocks,
+    /// Requests that failed on the raw volume (see [`ExportError::is_io`]).
+    io_errors: AtomicU64,
 }
 
 impl Export {
     pub fn new(opts: ExportOptions, geometry: Geometry, backend: Arc<dyn Backend>, cipher: SectorCipher) -> Self {
-        Export { opts, geometry, backend, cipher, locks: RangeLocks::default() }
+        Export { opts, geometry, backend, cipher, locks: RangeLocks::default(), io_errors: AtomicU64::new(0) }
     }
 
     pub fn name(&self) -> &str {
@@ -133,6 +149,18 @@ impl Export {
 
     pub fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    /// Requests answered with an error because the raw volume failed, since the export opened.
+    pub fn io_errors(&self) -> u64 {
+        self.io_errors.load(Ordering::Relaxed)
+    }
+
+    /// Counts a failed request; called where the reply status is decided.
+    pub fn record_error(&self, e: &ExportError) {
+        if e.is_io() {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn check_read(&self, offset: u64, len: u64) -> Result<ByteRange, ExportError> {
@@ -487,6 +515,24 @@ mod tests {
         let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 1 << 16 };
         let e = Export::new(opts, geo, mem, SectorCipher::new(&key, SectorSize::S512).unwrap());
         assert_eq!(e.write(0, vec![0; 512], false).unwrap_err().errno(), proto::EPERM);
+    }
+
+    #[test]
+    fn only_raw_volume_failures_are_counted() {
+        use crate::backend::fault::{FaultBackend, FaultPlan};
+        let fault = Arc::new(FaultBackend::new(vec![0u8; 16384], 512, 1));
+        let key = VolumeKey::generate().unwrap();
+        let opts =
+            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
+        let e = Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap());
+        fault.set_faults(FaultPlan { write_eio: 1_000_000, ..Default::default() });
+        let io = e.write(0, vec![1; 512], false).unwrap_err();
+        let range = e.write(1 << 20, vec![1; 512], false).unwrap_err();
+        e.record_error(&io);
+        e.record_error(&range);
+        assert_eq!((io.errno(), range.errno()), (proto::EIO, proto::ENOSPC));
+        assert_eq!(e.io_errors(), 1);
     }
 
     #[test]

@@ -90,6 +90,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
 
     let mut failed = false;
     for (name, e) in exports.iter() {
+        tracing::info!(export = %name, io_errors = e.io_errors(), "export closing");
         if let Err(err) = e.flush() {
             failed = true;
             tracing::error!(export = %name, error = %server::error_chain(&err), "final flush failed");

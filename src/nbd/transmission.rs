@@ -166,6 +166,7 @@ fn dispatch(
     }
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let export = export.clone();
+    let counted = export.clone();
     let job = move || -> Body {
         let len = u64::from(req.len);
         let r = match req.command {
@@ -200,6 +201,9 @@ fn dispatch(
     };
     tokio::task::spawn_blocking(move || {
         let body = job();
+        if let Body::Err(e) = &body {
+            counted.record_error(e);
+        }
         // The writer may be gone (client disconnected); the reply is then moot.
         let _ = tx.blocking_send(reply(body));
         drop(permits);
@@ -243,7 +247,7 @@ where
             return w.write_all(data).await;
         }
         Body::Err(e) => {
-            tracing::debug!(cookie = reply.cookie, offset = reply.offset, error = %e, "request failed");
+            tracing::debug!(cookie = reply.cookie, offset = reply.offset, errno = e.errno(), error = %crate::server::error_chain(e), "request failed");
             (e.errno(), e.to_string())
         }
         Body::Errno(n, m) => (*n, (*m).to_string()),
