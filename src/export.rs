@@ -10,7 +10,7 @@
 //! This is also the one place where failures become NBD errnos: [`ExportError::errno`].
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::backend::Backend;
@@ -51,6 +51,10 @@ pub enum ExportError {
     /// The sector cipher failed (never expected: its preconditions are checked at open).
     #[error("sector cipher failed")]
     Cipher(#[from] CipherError),
+    /// An earlier flush failed, so writes acknowledged before it may never reach the raw
+    /// volume, and no later flush can vouch for them (see [`Export::flush`]).
+    #[error("an earlier flush of the raw volume failed; writes may have been lost (restart to clear)")]
+    FlushFailedEarlier,
 }
 
 impl ExportError {
@@ -58,7 +62,9 @@ impl ExportError {
     /// what it asked. These are the errors [`Export::io_errors`] counts.
     pub fn is_io(&self) -> bool {
         match self {
-            ExportError::NoSpace(_) | ExportError::Io(_) | ExportError::Cipher(_) => true,
+            ExportError::NoSpace(_) | ExportError::Io(_) | ExportError::Cipher(_) | ExportError::FlushFailedEarlier => {
+                true
+            }
             ExportError::ReadOutOfRange { .. }
             | ExportError::WriteOutOfRange { .. }
             | ExportError::ReadOnly
@@ -78,6 +84,7 @@ impl ExportError {
             ExportError::NoSpace(_) => proto::ENOSPC,
             ExportError::Io(_) => proto::EIO,
             ExportError::Cipher(_) => proto::EIO,
+            ExportError::FlushFailedEarlier => proto::EIO,
         }
     }
 }
@@ -120,11 +127,21 @@ pub struct Export {
     locks: RangeLocks,
     /// Requests that failed on the raw volume (see [`ExportError::is_io`]).
     io_errors: AtomicU64,
+    /// Set by the first failed flush; every later flush fails (see [`Export::flush`]).
+    flush_failed: AtomicBool,
 }
 
 impl Export {
     pub fn new(opts: ExportOptions, geometry: Geometry, backend: Arc<dyn Backend>, cipher: SectorCipher) -> Self {
-        Export { opts, geometry, backend, cipher, locks: RangeLocks::default(), io_errors: AtomicU64::new(0) }
+        Export {
+            opts,
+            geometry,
+            backend,
+            cipher,
+            locks: RangeLocks::default(),
+            io_errors: AtomicU64::new(0),
+            flush_failed: AtomicBool::new(false),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -339,8 +356,23 @@ impl Export {
 
     /// Makes every write completed so far durable, for every connection (the raw volume is
     /// shared, so one fdatasync covers all: this is what makes CAN_MULTI_CONN honest).
+    ///
+    /// Once a flush has failed, every later flush fails too, until the export is reopened.
+    /// After fdatasync reports a writeback error, Linux marks the failed pages clean (their
+    /// data is lost) and reports the error once: the next fdatasync succeeds although the
+    /// writes acknowledged before the failure never reached the disk, so a later FLUSH would
+    /// vouch for lost data. QEMU's file driver does the same (`page_cache_inconsistent`);
+    /// PostgreSQL panics ("fsyncgate").
     pub fn flush(&self) -> Result<(), ExportError> {
-        self.backend.flush().map_err(ExportError::from)
+        if self.flush_failed.load(Ordering::Acquire) {
+            return Err(ExportError::FlushFailedEarlier);
+        }
+        self.backend.flush().map_err(|e| {
+            if !self.flush_failed.swap(true, Ordering::AcqRel) {
+                tracing::error!(export = %self.opts.name, error = %e, "flush of the raw volume failed: writes may be lost; every later flush will fail until restart");
+            }
+            ExportError::from(e)
+        })
     }
 
     fn maybe_fua(&self, fua: bool) -> Result<(), ExportError> {
@@ -533,6 +565,25 @@ mod tests {
         e.record_error(&range);
         assert_eq!((io.errno(), range.errno()), (proto::EIO, proto::ENOSPC));
         assert_eq!(e.io_errors(), 1);
+    }
+
+    #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        use crate::backend::fault::{FaultBackend, FaultPlan};
+        let fault = Arc::new(FaultBackend::new(vec![0u8; 16384], 512, 1));
+        let key = VolumeKey::generate().unwrap();
+        let opts =
+            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
+        let e = Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap());
+        e.write(0, vec![1; 512], false).unwrap();
+        fault.set_faults(FaultPlan { flush_eio: 1_000_000, ..Default::default() });
+        assert_eq!(e.flush().unwrap_err().errno(), proto::EIO);
+        // The disk works again, but the write above was lost with the failed flush.
+        fault.set_faults(FaultPlan::default());
+        assert!(matches!(e.flush(), Err(ExportError::FlushFailedEarlier)));
+        assert_eq!(e.write(512, vec![2; 512], true).unwrap_err().errno(), proto::EIO, "FUA flushes too");
+        assert!(fault.durable_image()[..512].iter().all(|&b| b == 0));
     }
 
     #[test]
