@@ -16,3 +16,7 @@ mod harness;
 mod crash;
 #[path = "reliability/faults.rs"]
 mod faults;
+#[path = "reliability/keys.rs"]
+mod keys;
+#[path = "reliability/soak.rs"]
+mod soak;
