@@ -354,7 +354,9 @@ def main():
         for k, v in stats.items():
             tot[k] += v
         tot["rounds"] += 1
-        tot["rounds_crashed_with_inflight"] += 1 if at_crash else 0
+        # Requests in flight when the server went down either failed (the connection died, or
+        # EIO from a dead disk) or were still waiting when CRASHED arrived.
+        tot["rounds_crashed_with_inflight"] += 1 if (at_crash or rnd.errors or rnd.unanswered) else 0
         say(f"ROUND {r} {json.dumps(stats)}")
         if bad:
             for b in bad[:20]:
