@@ -30,7 +30,8 @@
 //! a failed flush. A failed flush behaves as Linux does after a writeback error (the
 //! "fsyncgate" semantics): the pending writes are dropped from the durable path (their pages
 //! are marked clean) while reads still see them, so a later flush that succeeds proves
-//! nothing about them.
+//! nothing about them. A concurrent flush may even return success before the failing one
+//! returns its error (`flush_eio_return_us` widens that window).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -47,6 +48,10 @@ pub struct FaultPlan {
     pub write_short: u32,
     pub write_enospc: u32,
     pub flush_eio: u32,
+    /// How long a failing flush takes to return its error after it has released the disk,
+    /// in microseconds: two concurrent fdatasync calls may return in either order, and only
+    /// one of them reports a writeback error.
+    pub flush_eio_return_us: u32,
 }
 
 /// What [`FaultBackend::power_cut`] keeps of the writes since the last flush.
@@ -293,6 +298,10 @@ impl Backend for FaultBackend {
         if st.hit(plan.flush_eio) {
             st.stats.flush_eio += 1;
             st.stats.writes_lost_by_failed_flush += pending.len() as u64;
+            drop(st);
+            if plan.flush_eio_return_us > 0 {
+                std::thread::sleep(std::time::Duration::from_micros(u64::from(plan.flush_eio_return_us)));
+            }
             return Err(eio());
         }
         for (off, bytes) in pending {
