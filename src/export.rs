@@ -10,7 +10,7 @@
 //! This is also the one place where failures become NBD errnos: [`ExportError::errno`].
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::backend::Backend;
@@ -127,8 +127,9 @@ pub struct Export {
     locks: RangeLocks,
     /// Requests that failed on the raw volume (see [`ExportError::is_io`]).
     io_errors: AtomicU64,
-    /// Set by the first failed flush; every later flush fails (see [`Export::flush`]).
-    flush_failed: AtomicBool,
+    /// Whether a flush has failed, under the lock that lets one flush run at a time (see
+    /// [`Export::flush`]).
+    flush_failed: Mutex<bool>,
 }
 
 impl Export {
@@ -140,7 +141,7 @@ impl Export {
             cipher,
             locks: RangeLocks::default(),
             io_errors: AtomicU64::new(0),
-            flush_failed: AtomicBool::new(false),
+            flush_failed: Mutex::new(false),
         }
     }
 
@@ -363,14 +364,19 @@ impl Export {
     /// writes acknowledged before the failure never reached the disk, so a later FLUSH would
     /// vouch for lost data. QEMU's file driver does the same (`page_cache_inconsistent`);
     /// PostgreSQL panics ("fsyncgate").
+    ///
+    /// Flushes run one at a time: of two concurrent fdatasync calls only one reports the
+    /// error, and the other may return success first, before the failure is known here. The
+    /// cost is small, since a flush queued behind another finds little left to write back.
     pub fn flush(&self) -> Result<(), ExportError> {
-        if self.flush_failed.load(Ordering::Acquire) {
+        // A poisoned lock only means a flush panicked; the flag is still meaningful.
+        let mut failed = self.flush_failed.lock().unwrap_or_else(|p| p.into_inner());
+        if *failed {
             return Err(ExportError::FlushFailedEarlier);
         }
         self.backend.flush().map_err(|e| {
-            if !self.flush_failed.swap(true, Ordering::AcqRel) {
-                tracing::error!(export = %self.opts.name, error = %e, "flush of the raw volume failed: writes may be lost; every later flush will fail until restart");
-            }
+            *failed = true;
+            tracing::error!(export = %self.opts.name, error = %e, "flush of the raw volume failed: writes may be lost; every later flush will fail until restart");
             ExportError::from(e)
         })
     }
@@ -584,6 +590,61 @@ mod tests {
         assert!(matches!(e.flush(), Err(ExportError::FlushFailedEarlier)));
         assert_eq!(e.write(512, vec![2; 512], true).unwrap_err().errno(), proto::EIO, "FUA flushes too");
         assert!(fault.durable_image()[..512].iter().all(|&b| b == 0));
+    }
+
+    /// Flushes racing with a flush that fails: none may succeed over writes the failure lost
+    /// (a concurrent fdatasync can return 0 after another consumed the writeback error).
+    #[test]
+    fn no_flush_succeeds_over_writes_lost_by_a_concurrent_failed_flush() {
+        use crate::backend::fault::{CutMode, FaultBackend, FaultPlan};
+        use std::sync::atomic::AtomicU64;
+        const THREADS: u64 = 4;
+        const WRITES: u64 = 60;
+        let size = (THREADS * WRITES * 512) as usize;
+        let opts =
+            || ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: size as u64 };
+        for seed in 0..20 {
+            let key = VolumeKey::generate().unwrap();
+            let fault = Arc::new(FaultBackend::new(vec![0u8; size], 512, seed));
+            fault.set_faults(FaultPlan { flush_eio: 100_000, flush_eio_return_us: 500, ..Default::default() });
+            let e =
+                Arc::new(Export::new(opts(), geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap()));
+            let clock = Arc::new(AtomicU64::new(0));
+            let threads: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (e, clock) = (e.clone(), clock.clone());
+                    std::thread::spawn(move || {
+                        // (sector, acked at) and (flush issued at, succeeded)
+                        let mut log = Vec::new();
+                        for i in 0..WRITES {
+                            let sector = t * WRITES + i;
+                            e.write(sector * 512, vec![(sector % 251) as u8 + 1; 512], false).unwrap();
+                            let acked = clock.fetch_add(1, Ordering::SeqCst);
+                            let issued = clock.fetch_add(1, Ordering::SeqCst);
+                            log.push((sector, acked, issued, e.flush().is_ok()));
+                        }
+                        log
+                    })
+                })
+                .collect();
+            let log: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+            let image = fault.power_cut(CutMode::DropAll);
+            let after = Export::new(
+                opts(),
+                geo,
+                Arc::new(FaultBackend::new(image, 512, 0)),
+                SectorCipher::new(&key, SectorSize::S512).unwrap(),
+            );
+            let last_ok_flush = log.iter().filter(|l| l.3).map(|l| l.2).max();
+            for &(sector, acked, _, _) in &log {
+                if last_ok_flush.is_some_and(|f| acked < f) {
+                    let mut got = vec![0u8; 512];
+                    after.read(sector * 512, &mut got).unwrap();
+                    assert!(got.iter().all(|&b| b == (sector % 251) as u8 + 1), "seed {seed}: sector {sector} lost");
+                }
+            }
+        }
     }
 
     #[test]
