@@ -49,7 +49,7 @@ fn injected_faults(ss: SectorSize) {
         write_eio: 15_000,
         write_short: 15_000,
         write_enospc: 10_000,
-        flush_eio: 0,
+        ..Default::default()
     };
     fault.set_faults(plan);
     let errors_before = export.io_errors();
