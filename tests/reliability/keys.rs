@@ -168,6 +168,16 @@ fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
     }
 }
 
+/// A child process killed (if still running) when the test ends, even by a panic.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn cores_in(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
         .unwrap()
@@ -183,7 +193,7 @@ fn the_daemon_cannot_dump_core() {
     let cwd = vol.path("cwd");
     std::fs::create_dir(&cwd).unwrap();
     let sock = vol.path("nbd.sock");
-    let mut child = Command::new(bin())
+    let child = Command::new(bin())
         .args(["serve", vol.image.to_str().unwrap(), "--export", "t", "--socket", sock.to_str().unwrap()])
         .args(["--kek-file", vol.kek.to_str().unwrap(), "--log-format", "json"])
         .current_dir(&cwd)
@@ -191,12 +201,13 @@ fn the_daemon_cannot_dump_core() {
         .stderr(std::fs::File::create(vol.path("d.log")).unwrap())
         .spawn()
         .unwrap();
+    let mut child = Reaped(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !std::fs::read_to_string(vol.path("d.log")).unwrap().contains("\"ready\"") {
-        assert!(Instant::now() < deadline && child.try_wait().unwrap().is_none(), "daemon did not start");
+        assert!(Instant::now() < deadline && child.0.try_wait().unwrap().is_none(), "daemon did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let pid = child.id();
+    let pid = child.0.id();
     let limit = proc_field(pid, "limits", "Max core file size");
     let fields: Vec<&str> = limit.split_whitespace().collect();
     assert_eq!(&fields[4..6], &["0", "0"], "{limit}");
@@ -204,7 +215,7 @@ fn the_daemon_cannot_dump_core() {
     // catches a SIGSEGV sent by kill, restores the default action and returns, so the
     // process survives the first one.)
     assert!(Command::new("kill").args(["-ABRT", &pid.to_string()]).status().unwrap().success());
-    let st = wait_exit(&mut child);
+    let st = wait_exit(&mut child.0);
     assert_eq!(st.signal(), Some(libc::SIGABRT));
     assert!(!st.core_dumped(), "the kernel reports a core dump");
     assert!(cores_in(&cwd).is_empty(), "core files: {:?}", cores_in(&cwd));
@@ -268,15 +279,14 @@ fn the_daemon_is_not_dumpable_by_its_own_uid() {
     let uid = proc_field(pid, "status", "Uid:");
     assert_eq!(uid.split_whitespace().nth(1), Some("65534"), "{uid}");
 
-    let mut control = as_nobody(&["sleep", "60"]).spawn().unwrap();
+    let control = Reaped(as_nobody(&["sleep", "60"]).spawn().unwrap());
     std::thread::sleep(Duration::from_millis(200));
-    let cpid = control.id();
+    let cpid = control.0.id();
     let owner = |pid: u32| std::fs::metadata(format!("/proc/{pid}/environ")).unwrap().uid();
     let (daemon_owner, control_owner) = (owner(pid), owner(cpid));
     let (daemon_traced, daemon_environ) = nobody_can_trace(pid);
     let (control_traced, control_environ) = nobody_can_trace(cpid);
-    let _ = control.kill();
-    let _ = control.wait();
+    drop(control);
     assert_eq!(control_owner, 65534, "control: /proc files of a dumpable process belong to its uid");
     assert!(control_traced && control_environ, "control: the same uid can trace an ordinary process");
     assert_eq!(daemon_owner, 0, "the daemon's /proc files must belong to root (PR_SET_DUMPABLE=0)");
