@@ -71,8 +71,8 @@ if r:
                  r["request_errors"]))
 k = load("keys-hygiene")
 if k:
-    rows.append(("key hygiene (volume, 9 outputs and logs at trace)", "1", "-",
-                 f"{mib(k['bytes_searched'])} searched for every 16-byte window of the key and the KEK", k["found"]))
+    rows.append((f"key hygiene (volume, header backup, {k['log_sources']} outputs and logs at trace)", "1", "-",
+                 f"{mib(k['bytes_searched'])} searched for every 16-byte window of the key and {k['keks']} KEKs", k["found"]))
 
 run = load("run") or {}
 print(f"Last long run: {run.get('date', '?')}, commit {run.get('commit', '?')}, "

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Recovers a volume key independently of nbdcrypt: parses the primary header copy, unwraps
-slot 0 of the local provider with Python's `cryptography`, and proves the key right by
+the local-provider slot that opens with the KEK with Python's `cryptography`, and proves the key right by
 decrypting one known data sector with AES-XTS (plain64 tweak).
 
 usage: unwrap_local.py IMAGE KEKFILE SECTOR_INDEX PLAINTEXT_FILE
@@ -15,6 +15,7 @@ import json
 import struct
 import sys
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -26,13 +27,24 @@ with open(image, "rb") as f:
     meta = json.loads(f.read(jlen))
 raw_kek = open(kek_path, "rb").read()
 kek = raw_kek if len(raw_kek) == 32 else bytes.fromhex(raw_kek.decode().strip())
-slot = next(s for s in meta["slots"] if s["provider"] == "local")
-wrapped = bytes.fromhex(slot["wrapped"])
-aad = b"nbdcrypt v1 local wrap\0"
-for k in sorted(slot["context"]):
-    for part in (k.encode(), slot["context"][k].encode()):
-        aad += struct.pack(">I", len(part)) + part
-key = AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], aad)
+
+
+def unwrap(slot):
+    wrapped = bytes.fromhex(slot["wrapped"])
+    aad = b"nbdcrypt v1 local wrap\0"
+    for k in sorted(slot["context"]):
+        for part in (k.encode(), slot["context"][k].encode()):
+            aad += struct.pack(">I", len(part)) + part
+    try:
+        return AESGCM(kek).decrypt(wrapped[:12], wrapped[12:], aad)
+    except InvalidTag:
+        return None  # another KEK's slot
+
+
+keys = [k for k in (unwrap(s) for s in meta["slots"] if s["provider"] == "local") if k]
+if not keys:
+    sys.exit("no local slot opens with this KEK")
+key = keys[0]
 assert len(key) == 64
 
 ss = meta["sector_size"]
