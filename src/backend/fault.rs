@@ -52,6 +52,9 @@ pub struct FaultPlan {
     /// in microseconds: two concurrent fdatasync calls may return in either order, and only
     /// one of them reports a writeback error.
     pub flush_eio_return_us: u32,
+    /// How long every flush takes, in microseconds (spent before it takes the disk's lock,
+    /// so other I/O goes on meanwhile).
+    pub flush_us: u32,
 }
 
 /// What [`FaultBackend::power_cut`] keeps of the writes since the last flush.
@@ -288,6 +291,10 @@ impl Backend for FaultBackend {
     }
 
     fn flush(&self) -> io::Result<()> {
+        let latency = self.lock().plan.flush_us;
+        if latency > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(u64::from(latency)));
+        }
         let mut st = self.lock();
         if st.dead {
             return Err(eio());
