@@ -127,9 +127,9 @@ pub struct Export {
     locks: RangeLocks,
     /// Requests that failed on the raw volume (see [`ExportError::is_io`]).
     io_errors: AtomicU64,
-    /// Whether a flush has failed, under the lock that lets one flush run at a time (see
-    /// [`Export::flush`]).
-    flush_failed: Mutex<bool>,
+    /// Flushes of the raw volume: one at a time, shared by the requests waiting for them,
+    /// and the record of a failure (see [`Export::flush`]).
+    flushes: FlushGate,
 }
 
 impl Export {
@@ -141,7 +141,7 @@ impl Export {
             cipher,
             locks: RangeLocks::default(),
             io_errors: AtomicU64::new(0),
-            flush_failed: Mutex::new(false),
+            flushes: FlushGate::default(),
         }
     }
 
@@ -365,20 +365,45 @@ impl Export {
     /// vouch for lost data. QEMU's file driver does the same (`page_cache_inconsistent`);
     /// PostgreSQL panics ("fsyncgate").
     ///
-    /// Flushes run one at a time: of two concurrent fdatasync calls only one reports the
-    /// error, and the other may return success first, before the failure is known here. The
-    /// cost is small, since a flush queued behind another finds little left to write back.
+    /// Flushes of the raw volume run one at a time: of two concurrent fdatasync calls only
+    /// one reports the error, and the other may return success before the failure is known
+    /// here. Requests do not queue one fdatasync each, though (group commit): a request is
+    /// answered by the first flush that *starts* after it arrived, so every request waiting
+    /// while a flush runs shares the next one.
     pub fn flush(&self) -> Result<(), ExportError> {
-        // A poisoned lock only means a flush panicked; the flag is still meaningful.
-        let mut failed = self.flush_failed.lock().unwrap_or_else(|p| p.into_inner());
-        if *failed {
-            return Err(ExportError::FlushFailedEarlier);
+        let gate = &self.flushes;
+        // A poisoned lock only means a thread panicked while holding it; the counters are
+        // only ever updated whole.
+        let mut st = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        let needed = st.started + 1;
+        loop {
+            if st.failed {
+                return Err(ExportError::FlushFailedEarlier);
+            }
+            if st.finished >= needed {
+                return Ok(());
+            }
+            if st.running {
+                st = gate.finished.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.running = true;
+            st.started += 1;
+            let this = st.started;
+            drop(st);
+            let result = self.backend.flush();
+            st = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.running = false;
+            st.finished = this;
+            if let Err(e) = result {
+                st.failed = true;
+                drop(st);
+                gate.finished.notify_all();
+                tracing::error!(export = %self.opts.name, error = %e, "flush of the raw volume failed: writes may be lost; every later flush will fail until restart");
+                return Err(ExportError::from(e));
+            }
+            gate.finished.notify_all();
         }
-        self.backend.flush().map_err(|e| {
-            *failed = true;
-            tracing::error!(export = %self.opts.name, error = %e, "flush of the raw volume failed: writes may be lost; every later flush will fail until restart");
-            ExportError::from(e)
-        })
     }
 
     fn maybe_fua(&self, fua: bool) -> Result<(), ExportError> {
@@ -398,6 +423,25 @@ impl Export {
     pub fn first_sector(&self) -> SectorIndex {
         SectorIndex(0)
     }
+}
+
+/// The state of [`Export::flush`]: flushes are numbered as they start.
+#[derive(Debug, Default)]
+struct FlushGate {
+    state: Mutex<FlushState>,
+    finished: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct FlushState {
+    /// A flush of the raw volume is running (it is number `started`).
+    running: bool,
+    /// Flushes started so far.
+    started: u64,
+    /// The number of the last flush that finished.
+    finished: u64,
+    /// A flush has failed: no later flush may succeed.
+    failed: bool,
 }
 
 /// Exclusive locks on byte ranges, for writers. A short critical section scans the (small)
@@ -607,7 +651,7 @@ mod tests {
         for seed in 0..20 {
             let key = VolumeKey::generate().unwrap();
             let fault = Arc::new(FaultBackend::new(vec![0u8; size], 512, seed));
-            fault.set_faults(FaultPlan { flush_eio: 100_000, flush_eio_return_us: 500, ..Default::default() });
+            fault.set_faults(FaultPlan { flush_eio: 100_000, flush_eio_return_us: 500, flush_us: 300, ..Default::default() });
             let e =
                 Arc::new(Export::new(opts(), geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap()));
             let clock = Arc::new(AtomicU64::new(0));
@@ -645,6 +689,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn concurrent_flushes_share_one_flush_of_the_raw_volume() {
+        use crate::backend::fault::{FaultBackend, FaultPlan};
+        let fault = Arc::new(FaultBackend::new(vec![0u8; 16384], 512, 1));
+        fault.set_faults(FaultPlan { flush_us: 3000, ..Default::default() });
+        let key = VolumeKey::generate().unwrap();
+        let opts =
+            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
+        let e = Arc::new(Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap()));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let e = e.clone();
+                std::thread::spawn(move || (0..10).for_each(|_| e.flush().unwrap()))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let backend_flushes = fault.stats().flushes;
+        assert!(backend_flushes < 60, "80 flush requests cost {backend_flushes} flushes of the raw volume");
     }
 
     #[test]
