@@ -18,10 +18,12 @@ Prints SUMMARY <json>; exits 1 (FAIL lines on stderr) on a data mismatch, a requ
 RSS growth beyond --rss-bound-mib after the warm-up, or a descriptor or thread leak.
 """
 import argparse
+import faulthandler
 import json
 import os
 import random
 import select
+import signal
 import sys
 import time
 
@@ -39,6 +41,9 @@ args = p.parse_args()
 SS = args.sector
 rng = random.Random(args.seed)
 fails = []
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for stacks on a hang
+LAST = [time.monotonic()]
+LATENCY = dict(max=0.0, flush_max=0.0)
 st = dict(requests=0, bytes_written=0, bytes_read=0, read_bytes_checked=0, request_errors=0,
           clean_disconnects=0, abrupt_disconnects=0, connections=0)
 
@@ -112,7 +117,15 @@ class Client:
         buf = nbd.Buffer.from_bytearray(bytearray(data)) if kind == "write" else nbd.Buffer(ln)
         fua = nbd.CMD_FLAG_FUA if kind in ("write", "zero") and rng.random() < 0.1 else 0
 
+        issued_at = time.monotonic()
+
         def done(err, qid=qid, kind=kind, off=off, ln=ln, wide=wide, data=data, buf=buf):
+            now = time.monotonic()
+            LAST[0] = now
+            lat = now - issued_at
+            LATENCY["max"] = max(LATENCY["max"], lat)
+            if kind == "flush" or fua:
+                LATENCY["flush_max"] = max(LATENCY["flush_max"], lat)
             self.pending.pop(qid, None)
             if wide:
                 self.busy.remove(wide)
@@ -187,6 +200,10 @@ while True:
         next_sample += 1
     if now >= end:
         break
+    if now - LAST[0] > 10:
+        print(f"STALL: no completion for {now - LAST[0]:.0f} s; pending per client "
+              f"{[len(c.pending) for c in clients]}", file=sys.stderr, flush=True)
+        LAST[0] = now
     for c in clients:
         if c.h is None and now >= c.resume_at:
             c.open(now)
@@ -252,7 +269,8 @@ summary = dict(
     rss_bound_kib=int(args.rss_bound_mib * 1024),
     fds_base=base["fds"], fds_max=max(s["fds"] for s in samples), fds_final=final["fds"],
     tasks_base=base["tasks"], tasks_max=max(s["tasks"] for s in samples), tasks_final=final["tasks"],
-    samples=len(samples))
+    samples=len(samples), max_latency_ms=round(LATENCY["max"] * 1000),
+    max_flush_latency_ms=round(LATENCY["flush_max"] * 1000))
 if rss_growth > args.rss_bound_mib * 1024:
     fails.append(f"RSS grew {rss_growth} KiB after the warm-up (bound {args.rss_bound_mib} MiB)")
 if final["fds"] > base["fds"]:

@@ -176,7 +176,7 @@ fn power_cut_rounds(ss: SectorSize, flush_eio: u32, name: &str) {
     let uri = format!("nbd+unix:///t?socket={}", sock.display());
     let key = VolumeKey::generate().unwrap();
     let mut rng = Rng(seed);
-    let plan = FaultPlan { flush_eio, flush_eio_return_us: 300, ..Default::default() };
+    let plan = FaultPlan { flush_eio, flush_eio_return_us: 300, flush_us: 200, ..Default::default() };
     let (fault, export) = fault_export(&key, ss, vec![0u8; (DATA_OFFSET + DATA_SIZE) as usize], rng.next());
     fault.set_faults(plan);
     let mut fault = Some(fault);

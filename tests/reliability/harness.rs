@@ -93,6 +93,17 @@ impl Peer {
         }
     }
 
+    /// The next line, or `None` after `timeout` (the peer is left running).
+    pub fn try_recv(&mut self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
+    /// Asks the peer for its Python stacks (scripts register faulthandler on SIGUSR1).
+    pub fn dump_stacks(&self) {
+        let _ = Command::new("kill").arg("-USR1").arg(self.child.id().to_string()).status();
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
     pub fn send(&mut self, line: &str) {
         writeln!(self.stdin, "{line}").and_then(|_| self.stdin.flush()).unwrap();
     }
@@ -226,6 +237,27 @@ impl Drop for InProcess {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Every thread's stack of a running process, for a hang report: gdb if it is installed,
+/// else the kernel stacks and wait channels from /proc.
+pub fn thread_stacks(pid: u32) -> String {
+    let gdb = Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 30"])
+        .stdin(Stdio::null())
+        .output();
+    if let Ok(out) = gdb {
+        if out.status.success() {
+            return String::from_utf8_lossy(&out.stdout).into_owned();
+        }
+    }
+    let mut s = String::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        s += &format!("task {:?} {} wchan={}\n{}\n", t.file_name(), read("comm").trim(), read("wchan"), read("stack"));
+    }
+    s
 }
 
 /// The process's open file descriptors, threads and resident memory, from /proc.

@@ -30,7 +30,11 @@ fn soak(sector: u32) {
     .map(|s| s.to_string())
     .collect();
     let mut peer = Peer::spawn("soak.py", &args, vol.dir.path());
-    let line = peer.recv(Duration::from_secs(seconds + 120));
+    let Some(line) = peer.try_recv(Duration::from_secs(seconds + 120)) else {
+        let daemon = thread_stacks(d.pid());
+        peer.dump_stacks();
+        panic!("soak.py hung; its stderr:\n{}\ndaemon threads:\n{daemon}", peer.stderr_text());
+    };
     let mut summary: serde_json::Value = serde_json::from_str(line.strip_prefix("SUMMARY ").unwrap()).unwrap();
     let samples = peer.recv(Duration::from_secs(10));
     peer.finish();
