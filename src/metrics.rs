@@ -180,10 +180,11 @@ impl ExportMetrics {
         offset: u64,
         len: u64,
         fault: Fault,
+        errno: u32,
         err: &dyn std::error::Error,
     ) {
         let error = crate::server::error_chain(err);
-        tracing::debug!(%export, command = COMMANDS[command_index(cmd)], offset, len, %error, "request failed");
+        tracing::debug!(%export, command = COMMANDS[command_index(cmd)], offset, len, errno, %error, "request failed");
         if fault == Fault::Client {
             return;
         }
@@ -192,7 +193,7 @@ impl ExportMetrics {
             tracing::warn!(%export, suppressed = n, window_secs = WARN_WINDOW.as_secs(), "suppressed request-error warnings");
         }
         if warn {
-            tracing::warn!(%export, command = COMMANDS[command_index(cmd)], offset, len, %error, "request failed");
+            tracing::warn!(%export, command = COMMANDS[command_index(cmd)], offset, len, errno, %error, "request failed");
         }
     }
 

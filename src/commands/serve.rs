@@ -108,6 +108,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
 
     let mut failed = false;
     for s in &daemon.served {
+        tracing::info!(export = %s.cfg.name, io_errors = s.export.io_errors(), "export closing");
         if let Err(err) = s.export.flush() {
             failed = true;
             tracing::error!(export = %s.cfg.name, error = %server::error_chain(&err), "final flush failed");

@@ -175,6 +175,7 @@ fn dispatch(
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let metered = export.clone();
     let export = export.clone();
+    let counted = export.clone();
     let job = move || -> Body {
         let len = u64::from(req.len);
         let r = match req.command {
@@ -210,6 +211,9 @@ fn dispatch(
     tokio::task::spawn_blocking(move || {
         let body = job();
         account(&metered, &req, &body, started);
+        if let Body::Err(e) = &body {
+            counted.record_error(e);
+        }
         // The writer may be gone (client disconnected); the reply is then moot.
         let _ = tx.blocking_send(reply(body));
         drop(permits);
@@ -223,7 +227,7 @@ fn account(export: &Export, req: &Request, body: &Body, started: Instant) {
     let errno = match body {
         Body::Ok | Body::Data(_) => 0,
         Body::Err(e) => {
-            m.log_failure(export.name(), req.command, req.offset, u64::from(req.len), e.fault(), e);
+            m.log_failure(export.name(), req.command, req.offset, u64::from(req.len), e.fault(), e.errno(), e);
             e.errno()
         }
         Body::Errno(n, _) => *n,
