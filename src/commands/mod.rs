@@ -25,6 +25,9 @@ pub enum CmdError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The TLS certificate, key or CA could not be loaded.
+    #[error("TLS setup failed")]
+    Tls(#[from] crate::tls::TlsError),
     /// The command would destroy data or a key and was not told `--yes`.
     #[error("refusing: {0}")]
     Refused(String),
@@ -46,7 +49,7 @@ impl CmdError {
             CmdError::Key(KeyError::UnwrapFailed) => 3,
             CmdError::Refused(_) => 5,
             CmdError::Usage(_) => 2,
-            CmdError::Key(_) | CmdError::Config(_) | CmdError::Io { .. } => 1,
+            CmdError::Key(_) | CmdError::Config(_) | CmdError::Tls(_) | CmdError::Io { .. } => 1,
         }
     }
 }

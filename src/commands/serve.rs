@@ -10,11 +10,13 @@ use tokio::sync::watch;
 use super::{format_backend, io_err, CmdError};
 use crate::backend::FileBackend;
 use crate::cli::ServeArgs;
-use crate::config::{Config, CreateConfig, ExportConfig, DEFAULT_LISTEN};
+use crate::config::{Config, CreateConfig, ExportConfig, TlsSettings, DEFAULT_LISTEN};
 use crate::export::{Export, ExportOptions};
 use crate::keys::{local, KeyProvider};
 use crate::nbd::handshake::Catalog;
-use crate::server::{self, ListenAddr, Listener, ServerOptions};
+use crate::nbd::transmission::Limits;
+use crate::server::{self, ListenAddr, Listener, ServerOptions, SocketPerms};
+use crate::tls::TlsSetup;
 use crate::volume;
 
 /// One export to open, from the command line or a config file.
@@ -28,11 +30,21 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
         Ok(()) => tracing::debug!("core dumps disabled"),
         Err(e) => tracing::warn!(error = %e, "could not disable core dumps"),
     }
-    let (listeners, max_connections, handshake_timeout, plans) = match &args.config {
+    let (listeners, opts, tls, plans) = match &args.config {
         Some(path) => {
             let c = Config::load(path)?;
             let plans = c.exports.into_iter().map(|cfg| ExportPlan { cfg }).collect::<Vec<_>>();
-            (c.listeners, c.max_connections, c.handshake_timeout_secs, plans)
+            let opts = ServerOptions {
+                max_connections: c.max_connections,
+                handshake_timeout: Duration::from_secs(c.handshake_timeout_secs),
+                limits: Limits {
+                    max_requests: c.max_requests_per_connection,
+                    max_bytes: c.max_bytes_per_connection,
+                    shutdown_grace: Duration::from_secs(c.shutdown_grace_secs),
+                },
+                tls: TlsSetup::off(),
+            };
+            (c.listeners, opts, c.tls, plans)
         }
         None => {
             let Some(device) = args.device.clone() else {
@@ -40,11 +52,18 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
             };
             let mut l: Vec<ListenAddr> = args.listen.iter().map(|a| ListenAddr::Tcp(a.clone())).collect();
             if let Some(s) = &args.socket {
-                l.push(ListenAddr::Unix { path: s.clone(), mode: 0o600 });
+                let perms = SocketPerms {
+                    mode: args.socket_mode,
+                    owner: args.socket_owner.clone(),
+                    group: args.socket_group.clone(),
+                };
+                l.push(ListenAddr::Unix { path: s.clone(), perms });
             }
             if l.is_empty() {
                 l.push(ListenAddr::Tcp(DEFAULT_LISTEN.into()));
             }
+            let tls = TlsSettings::new(args.tls, args.tls_cert.clone(), args.tls_key.clone(), args.tls_ca.clone())
+                .map_err(|m| CmdError::Usage(m.replace("tls_", "--tls-")))?;
             let cfg = ExportConfig {
                 name: args.export.clone(),
                 device,
@@ -54,9 +73,20 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
                 description: String::new(),
                 create: None,
             };
-            (l, 64, 10, vec![ExportPlan { cfg }])
+            let opts = ServerOptions {
+                max_connections: args.max_connections.max(1),
+                handshake_timeout: Duration::from_secs(args.handshake_timeout.max(1)),
+                ..Default::default()
+            };
+            (l, opts, tls, vec![ExportPlan { cfg }])
         }
     };
+    // TLS credentials before any key is unwrapped: a bad file fails the start at once.
+    let tls = match &tls.files {
+        None => TlsSetup::off(),
+        Some(files) => TlsSetup::load(tls.mode, files)?,
+    };
+    let opts = ServerOptions { tls, ..opts };
 
     let mut exports: HashMap<String, Arc<Export>> = HashMap::new();
     for plan in &plans {
@@ -80,11 +110,10 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
         tracing::info!("shutdown requested: draining in-flight requests");
         let _ = shutdown_tx.send(true);
     });
-    let opts = ServerOptions {
-        max_connections,
-        handshake_timeout: Duration::from_secs(handshake_timeout),
-        ..Default::default()
-    };
+    tracing::info!(
+        tls = ?opts.tls.mode, client_certificates = opts.tls.verifies_clients,
+        max_connections = opts.max_connections, "server options"
+    );
     let catalog = Catalog { exports: exports.clone(), default_export };
     server::run(bound, catalog, opts, shutdown_rx).await;
 

@@ -446,7 +446,8 @@ impl MetaQuery {
 /// The caller has already bounded the data by [`MAX_OPTION_LEN`] (checked again here). An
 /// error means "reply `NBD_REP_ERR_INVALID` and continue", not disconnect (except after
 /// `NBD_OPT_EXPORT_NAME`, which cannot be answered with an error). Options that take no data
-/// (`ABORT`, `LIST`, `STARTTLS`, `STRUCTURED_REPLY`, `EXTENDED_HEADERS`) must have none. Names
+/// (`LIST`, `STARTTLS`, `STRUCTURED_REPLY`, `EXTENDED_HEADERS`) must have none; `ABORT`
+/// ignores any (the spec says so). Names
 /// and queries must be UTF-8 without NUL, at most 4096 bytes. Unknown codes decode to
 /// [`ClientOption::Unknown`] whatever their data.
 ///
@@ -476,7 +477,8 @@ pub fn decode_option(code: u32, data: &[u8]) -> Result<ClientOption, CodecError>
             }
             ClientOption::ExportName(utf8("export name", name)?)
         }
-        OPT_ABORT => no_data(ClientOption::Abort)?,
+        // "a server SHOULD ignore any data sent by the client rather than rejecting" ABORT.
+        OPT_ABORT => return Ok(ClientOption::Abort),
         OPT_LIST => no_data(ClientOption::List)?,
         OPT_STARTTLS => no_data(ClientOption::StartTls)?,
         OPT_STRUCTURED_REPLY => no_data(ClientOption::StructuredReply)?,
@@ -1117,8 +1119,13 @@ mod tests {
     }
 
     #[test]
+    fn abort_ignores_its_data() {
+        assert_eq!(decode_option(OPT_ABORT, b"bye"), Ok(ClientOption::Abort));
+    }
+
+    #[test]
     fn options_without_data_are_invalid_with_data() {
-        for code in [OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY, OPT_EXTENDED_HEADERS] {
+        for code in [OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY, OPT_EXTENDED_HEADERS] {
             assert!(matches!(decode_option(code, &[0]), Err(CodecError::Invalid(_))), "option {code}");
         }
     }

@@ -237,6 +237,10 @@ pub const ESHUTDOWN: u32 = 108;
 /// largest legitimate option (a few names and queries) is far smaller; the bound is checked
 /// against the option header before the payload is allocated.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Largest option payload this server reads and throws away, to answer
+/// `NBD_REP_ERR_TOO_BIG` as the spec prefers; an option claiming more is taken for a denial
+/// of service and the connection is closed (the spec allows a hard disconnect then).
+pub const MAX_OPTION_DISCARD: u32 = 8 << 20;
 /// Longest export name, in bytes (the spec's limit for any string).
 pub const MAX_NAME_LEN: usize = 4096;
 /// Longest string (description, query, error message), in bytes.

@@ -7,12 +7,25 @@
 //! so a fast sender meets back-pressure instead of unbounded buffering.
 //!
 //! Two error tiers: a request that fails gets an errno in its reply and the connection goes
-//! on; a protocol violation (bad magic, a payload larger than advertised) ends the connection.
+//! on; a protocol violation (bad magic, a write payload larger than advertised) ends the
+//! connection. Unknown commands and flags are the first tier: `EINVAL`, after the payload of a
+//! WRITE has been read (so the stream stays in step).
+//!
+//! Both permits of a request are held until its reply has been written to the socket, so a
+//! client that does not read its replies stops being read from (the reply queue cannot grow
+//! past the request cap, and read buffers count against the byte budget until sent).
+//!
+//! Shutdown (`doc/proto.md`, "Terminating the transmission phase"): once the flag turns, the
+//! requests in flight finish normally; requests that arrive during a grace period get
+//! `NBD_ESHUTDOWN` (a WRITE's payload is read and dropped), which tells the client to
+//! disconnect; then the connection closes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use super::codec::{self, CodecError, Command, Request, REQUEST_LEN};
 use super::handshake::Negotiated;
@@ -22,15 +35,19 @@ use crate::export::{Export, ExportError, MAX_REQUEST};
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Requests in flight (read from the socket, not yet replied to).
+    /// Requests in flight (read from the socket, reply not yet written).
     pub max_requests: usize,
-    /// Payload bytes in flight (write payloads held plus read buffers allocated).
+    /// Payload bytes in flight (write payloads held plus read buffers not yet sent). Never
+    /// less than one maximum-size request.
     pub max_bytes: usize,
+    /// After shutdown starts, how long new requests are still read (and answered
+    /// `NBD_ESHUTDOWN`) before the connection is closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_requests: 128, max_bytes: 64 << 20 }
+        Limits { max_requests: 128, max_bytes: 64 << 20, shutdown_grace: Duration::from_secs(2) }
     }
 }
 
@@ -39,12 +56,18 @@ const UNIT_SHIFT: u32 = 12;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransmissionError {
+    /// The stream failed.
     #[error("connection failed")]
     Io(#[from] std::io::Error),
+    /// A request header had a bad magic.
     #[error("protocol violation")]
     Protocol(#[from] CodecError),
+    /// A WRITE announced more payload than the advertised maximum.
     #[error("write payload of {len} bytes exceeds the advertised maximum {max}")]
     PayloadTooLarge { len: u32, max: u32 },
+    /// The stream ended inside a request header.
+    #[error("connection closed in the middle of a request header")]
+    TruncatedHeader,
 }
 
 enum Body {
@@ -57,11 +80,63 @@ enum Body {
 struct Reply {
     cookie: u64,
     offset: u64,
+    len: u32,
     body: Body,
+    /// Released once the reply is written (or dropped with it).
+    _permits: Permits,
 }
 
-/// Serves requests until the client disconnects, sends DISC, or `shutdown` turns true; then
-/// waits for every request in flight to be replied to.
+struct Permits {
+    _request: OwnedSemaphorePermit,
+    _bytes: Option<OwnedSemaphorePermit>,
+}
+
+/// What waiting for the next request header gave.
+enum Next {
+    Header([u8; REQUEST_LEN]),
+    /// The client closed cleanly between requests.
+    Eof,
+    /// Shutdown was signalled (only reported once, before the grace period).
+    Shutdown,
+    /// The grace period after shutdown is over.
+    GraceOver,
+}
+
+/// Reads one request header, cancel-safely: partial reads are kept in `hdr`/`filled`, so a
+/// shutdown signal arriving mid-header loses nothing.
+async fn next_header<R>(
+    reader: &mut R,
+    shutdown: &mut watch::Receiver<bool>,
+    deadline: Option<Instant>,
+) -> Result<Next, TransmissionError>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut hdr = [0u8; REQUEST_LEN];
+    let mut filled = 0;
+    while filled < REQUEST_LEN {
+        let n = match deadline {
+            None => tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s), if filled == 0 => return Ok(Next::Shutdown),
+                r = reader.read(&mut hdr[filled..]) => r?,
+            },
+            Some(d) => tokio::select! {
+                biased;
+                _ = tokio::time::sleep_until(d) => return Ok(Next::GraceOver),
+                r = reader.read(&mut hdr[filled..]) => r?,
+            },
+        };
+        if n == 0 {
+            return if filled == 0 { Ok(Next::Eof) } else { Err(TransmissionError::TruncatedHeader) };
+        }
+        filled += n;
+    }
+    Ok(Next::Header(hdr))
+}
+
+/// Serves requests until the client disconnects or sends DISC, or shutdown's grace period
+/// ends; then waits for every request in flight to be replied to.
 pub async fn serve<R, W>(
     mut reader: R,
     writer: W,
@@ -75,25 +150,24 @@ where
 {
     let export = neg.export;
     let structured = neg.structured_replies;
-    let (tx, rx) = mpsc::channel::<Reply>(limits.max_requests.max(1));
+    // Unbounded, yet bounded: every reply holds a request permit until it is written.
+    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
     let writer_task = tokio::spawn(write_replies(writer, rx, structured));
     let requests = Arc::new(Semaphore::new(limits.max_requests.max(1)));
     let byte_units = (limits.max_bytes >> UNIT_SHIFT).max((MAX_REQUEST as usize >> UNIT_SHIFT) + 1);
     let bytes = Arc::new(Semaphore::new(byte_units));
+    let mut deadline: Option<Instant> = None;
 
     let result = loop {
-        let mut hdr = [0u8; REQUEST_LEN];
-        let read = tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s) => break Ok(()),
-            r = reader.read_exact(&mut hdr) => r,
+        let hdr = match next_header(&mut reader, &mut shutdown, deadline).await {
+            Ok(Next::Header(h)) => h,
+            Ok(Next::Eof) | Ok(Next::GraceOver) => break Ok(()),
+            Ok(Next::Shutdown) => {
+                deadline = Some(Instant::now() + limits.shutdown_grace);
+                continue;
+            }
+            Err(e) => break Err(e),
         };
-        match read {
-            Ok(_) => {}
-            // The client went away between requests: not an error worth more than debug.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-            Err(e) => break Err(e.into()),
-        }
         let req = match codec::decode_request(&hdr) {
             Ok(r) => r,
             Err(e) => break Err(e.into()),
@@ -101,28 +175,49 @@ where
         if req.command == Command::Disc {
             break Ok(());
         }
-        // Permits are taken before the payload is read or a buffer allocated: back-pressure.
-        let Ok(req_permit) = requests.clone().acquire_owned().await else { break Ok(()) };
-        let payload_len = match req.command {
-            Command::Write | Command::Read => req.len,
-            _ => 0,
+        if req.command == Command::Write && req.len > MAX_REQUEST {
+            // The payload cannot be skipped without reading it all; the spec allows a hard
+            // disconnect for a payload over the advertised maximum.
+            break Err(TransmissionError::PayloadTooLarge { len: req.len, max: MAX_REQUEST });
+        }
+        // The request permit comes before the payload is read or a buffer allocated:
+        // back-pressure. After shutdown, waiting is bounded by the grace period.
+        let req_permit = match deadline {
+            None => requests.clone().acquire_owned().await,
+            Some(d) => match tokio::time::timeout_at(d, requests.clone().acquire_owned()).await {
+                Ok(p) => p,
+                Err(_) => break Ok(()),
+            },
         };
-        if payload_len > MAX_REQUEST {
+        let Ok(req_permit) = req_permit else { break Ok(()) };
+        let reply =
+            |body, permits| Reply { cookie: req.cookie, offset: req.offset, len: req.len, body, _permits: permits };
+
+        if let Some(d) = deadline {
+            // Shutting down: consume the payload, answer ESHUTDOWN, keep the stream in step.
             if req.command == Command::Write {
-                // The payload cannot be skipped safely without reading it all.
-                break Err(TransmissionError::PayloadTooLarge { len: req.len, max: MAX_REQUEST });
+                let mut payload = (&mut reader).take(u64::from(req.len));
+                let mut sink = tokio::io::sink();
+                match tokio::time::timeout_at(d, tokio::io::copy(&mut payload, &mut sink)).await {
+                    Ok(Ok(n)) if n == u64::from(req.len) => {}
+                    Ok(Ok(_)) => break Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+                    Ok(Err(e)) => break Err(e.into()),
+                    Err(_) => break Ok(()),
+                }
             }
-            let r = Reply {
-                cookie: req.cookie,
-                offset: req.offset,
-                body: Body::Err(ExportError::TooLarge { len: u64::from(req.len), max: MAX_REQUEST }),
-            };
-            if tx.send(r).await.is_err() {
+            let permits = Permits { _request: req_permit, _bytes: None };
+            let body = Body::Errno(proto::ESHUTDOWN, "the server is shutting down");
+            if tx.send(reply(body, permits)).is_err() {
                 break Ok(());
             }
             continue;
         }
-        let units = ((payload_len as usize) >> UNIT_SHIFT) as u32 + 1;
+
+        let payload_len = match req.command {
+            Command::Write | Command::Read if req.len <= MAX_REQUEST => req.len,
+            _ => 0,
+        };
+        let units = (payload_len >> UNIT_SHIFT) + 1;
         let Ok(byte_permit) = bytes.clone().acquire_many_owned(units).await else { break Ok(()) };
         let mut payload = Vec::new();
         if req.command == Command::Write {
@@ -131,7 +226,14 @@ where
                 break Err(e.into());
             }
         }
-        dispatch(&export, req, payload, structured, tx.clone(), (req_permit, byte_permit));
+        let permits = Permits { _request: req_permit, _bytes: Some(byte_permit) };
+        if let Some(refusal) = refuse(&req, structured) {
+            if tx.send(reply(refusal, permits)).is_err() {
+                break Ok(());
+            }
+            continue;
+        }
+        dispatch(&export, req, payload, tx.clone(), permits);
     };
     // Drain: the writer ends when the last in-flight job drops its sender.
     drop(tx);
@@ -141,29 +243,37 @@ where
     Ok(())
 }
 
-/// Flags each command may carry; anything else gets EINVAL.
+/// Flags each command may carry; anything else gets EINVAL. FUA is accepted on every
+/// command: the spec notes that existing clients set it on commands that do not write, and
+/// lets the server ignore it there.
 fn allowed_flags(cmd: Command, structured: bool) -> u16 {
-    match cmd {
-        Command::Read if structured => proto::CMD_FLAG_DF,
-        Command::Write | Command::Trim => proto::CMD_FLAG_FUA,
-        Command::WriteZeroes => proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
-        _ => 0,
-    }
+    proto::CMD_FLAG_FUA
+        | match cmd {
+            Command::Read if structured => proto::CMD_FLAG_DF,
+            Command::WriteZeroes => proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
+            _ => 0,
+        }
 }
 
-fn dispatch(
-    export: &Arc<Export>,
-    req: Request,
-    payload: Vec<u8>,
-    structured: bool,
-    tx: mpsc::Sender<Reply>,
-    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-) {
-    let reply = move |body| Reply { cookie: req.cookie, offset: req.offset, body };
-    if req.flags & !allowed_flags(req.command, structured) != 0 {
-        let _ = tx.try_send(reply(Body::Errno(proto::EINVAL, "unsupported command flags")));
-        return;
+/// Requests answered without touching the export: unknown commands, commands this server
+/// does not offer, flags not valid for the command, reads over the maximum payload.
+fn refuse(req: &Request, structured: bool) -> Option<Body> {
+    match req.command {
+        Command::Disc | Command::BlockStatus | Command::Resize | Command::Unknown(_) => {
+            return Some(Body::Errno(proto::EINVAL, "unsupported command"));
+        }
+        Command::Read | Command::Write | Command::Flush | Command::Trim | Command::Cache | Command::WriteZeroes => {}
     }
+    if req.flags & !allowed_flags(req.command, structured) != 0 {
+        return Some(Body::Errno(proto::EINVAL, "unsupported command flags"));
+    }
+    if req.command == Command::Read && req.len > MAX_REQUEST {
+        return Some(Body::Err(ExportError::TooLarge { len: u64::from(req.len), max: MAX_REQUEST }));
+    }
+    None
+}
+
+fn dispatch(export: &Arc<Export>, req: Request, payload: Vec<u8>, tx: mpsc::UnboundedSender<Reply>, permits: Permits) {
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let export = export.clone();
     let job = move || -> Body {
@@ -189,6 +299,7 @@ fn dispatch(
             // The data is on a local disk behind the page cache: validating the range is all
             // a prefetch hint needs.
             Command::Cache => export.validate_read(req.offset, len),
+            // Refused before dispatch (see `refuse`).
             Command::Disc | Command::BlockStatus | Command::Resize | Command::Unknown(_) => {
                 return Body::Errno(proto::EINVAL, "unsupported command");
             }
@@ -201,12 +312,25 @@ fn dispatch(
     tokio::task::spawn_blocking(move || {
         let body = job();
         // The writer may be gone (client disconnected); the reply is then moot.
-        let _ = tx.blocking_send(reply(body));
-        drop(permits);
+        let _ = tx.send(Reply { cookie: req.cookie, offset: req.offset, len: req.len, body, _permits: permits });
     });
 }
 
-async fn write_replies<W>(writer: W, mut rx: mpsc::Receiver<Reply>, structured: bool) -> std::io::Result<()>
+/// Whether an error concerns the data at the request's range (a structured reply then says
+/// where, with `NBD_REPLY_TYPE_ERROR_OFFSET`) rather than the request itself. Exhaustive on
+/// purpose, like [`ExportError::errno`].
+fn is_data_error(e: &ExportError) -> bool {
+    match e {
+        ExportError::Io(_) | ExportError::NoSpace(_) | ExportError::Cipher(_) => true,
+        ExportError::ReadOutOfRange { .. }
+        | ExportError::WriteOutOfRange { .. }
+        | ExportError::ReadOnly
+        | ExportError::TooLarge { .. }
+        | ExportError::NotSupported(_) => false,
+    }
+}
+
+async fn write_replies<W>(writer: W, mut rx: mpsc::UnboundedReceiver<Reply>, structured: bool) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
@@ -214,7 +338,8 @@ where
     let mut scratch = Vec::with_capacity(256);
     while let Some(reply) = rx.recv().await {
         write_one(&mut w, &reply, structured, &mut scratch).await?;
-        // Batch small replies: flush only when nothing else is ready.
+        drop(reply); // releases its permits
+                     // Batch small replies: flush only when nothing else is ready.
         if rx.is_empty() {
             w.flush().await?;
         }
@@ -232,10 +357,16 @@ async fn write_one<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    let (errno, msg) = match &reply.body {
-        Body::Ok => (0, String::new()),
+    let (errno, msg, at) = match &reply.body {
+        Body::Ok => (0, String::new(), None),
+        Body::Data(data) if structured && data.is_empty() => {
+            // A zero-length read: OFFSET_DATA must carry at least one byte, so just DONE.
+            return w.write_all(&codec::done_chunk(reply.cookie)).await;
+        }
         Body::Data(data) => {
             if structured {
+                // One chunk, DONE set: the data is all read before the reply starts, so no
+                // error can follow, and NBD_CMD_FLAG_DF is honoured whatever the length.
                 w.write_all(&codec::offset_data_header(reply.cookie, reply.offset, data.len() as u32, true)).await?;
             } else {
                 w.write_all(&codec::simple_reply(0, reply.cookie)).await?;
@@ -244,13 +375,16 @@ where
         }
         Body::Err(e) => {
             tracing::debug!(cookie = reply.cookie, offset = reply.offset, error = %e, "request failed");
-            (e.errno(), e.to_string())
+            // The failed I/O covered the whole range and nothing was sent for it: the first
+            // byte is where the client can no longer assume success.
+            let at = (is_data_error(e) && reply.len > 0).then_some(reply.offset);
+            (e.errno(), e.to_string(), at)
         }
-        Body::Errno(n, m) => (*n, (*m).to_string()),
+        Body::Errno(n, m) => (*n, (*m).to_string(), None),
     };
     if structured && errno != 0 {
         scratch.clear();
-        codec::error_chunk(scratch, reply.cookie, errno, &msg, None, true);
+        codec::error_chunk(scratch, reply.cookie, errno, &msg, at, true);
         w.write_all(scratch).await
     } else {
         w.write_all(&codec::simple_reply(errno, reply.cookie)).await
