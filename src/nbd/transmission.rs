@@ -324,6 +324,7 @@ fn is_data_error(e: &ExportError) -> bool {
         ExportError::Io(_) | ExportError::NoSpace(_) | ExportError::Cipher(_) => true,
         ExportError::ReadOutOfRange { .. }
         | ExportError::WriteOutOfRange { .. }
+        | ExportError::TrimOutOfRange { .. }
         | ExportError::ReadOnly
         | ExportError::TooLarge { .. }
         | ExportError::NotSupported(_) => false,
