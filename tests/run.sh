@@ -16,7 +16,7 @@ APT_PACKAGES=(
     libnbd-bin nbdfuse python3-libnbd nbdkit fio qemu-utils fuse3 e2fsprogs util-linux
     python3-cryptography jq openssl gawk coreutils procps
 )
-PIP_PACKAGES=("moto[server]" cryptography)
+PIP_PACKAGES=("moto[server]" boto3 cryptography)
 
 install_deps() {
     local missing=() p
@@ -29,9 +29,12 @@ install_deps() {
         apt-get update -qq
         apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
-    if ! python3 -c 'import moto, cryptography' 2>/dev/null; then
+    if ! python3 -c 'import moto.server, boto3, cryptography' 2>/dev/null; then
         log "pip install ${PIP_PACKAGES[*]}"
-        python3 -m pip install -q "${PIP_PACKAGES[@]}"
+        # Debian 12+ marks the system Python as externally managed (PEP 668); these are
+        # test-only packages on a CI machine, so install over that marker if pip refuses.
+        python3 -m pip install -q "${PIP_PACKAGES[@]}" ||
+            python3 -m pip install -q --break-system-packages "${PIP_PACKAGES[@]}"
     fi
     command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1 || { log "fio lacks the nbd engine"; exit 1; }
 }
@@ -49,7 +52,8 @@ run_fuzz() {
     for t in nbd_request nbd_option nbd_handshake header_decode; do
         log "fuzz $t for ${secs}s"
         mkdir -p "$scratch/$t"
-        local dirs=("$scratch/$t" "corpus/$t")
+        local dirs=("$scratch/$t")
+        [[ -d fuzz/corpus/$t ]] && dirs+=("corpus/$t")
         [[ -d fuzz/seeds/$t ]] && dirs+=("seeds/$t")
         if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" "${dirs[@]}" -- \
             -max_total_time="$secs" -max_len=16384 -print_final_stats=1 >"$scratch/$t.log" 2>&1); then

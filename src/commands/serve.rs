@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::{format_backend, io_err, CmdError};
+use super::{format_backend, io_err, kms_options, CmdError};
 use crate::backend::FileBackend;
 use crate::cli::ServeArgs;
 use crate::config::{Config, CreateConfig, ExportConfig, TlsSettings, DEFAULT_LISTEN};
 use crate::export::{Export, ExportOptions};
-use crate::keys::{local, KeyProvider};
+use crate::keys::{local, KeyProvider, Keyring, KmsOptions};
 use crate::nbd::handshake::Catalog;
 use crate::nbd::transmission::Limits;
 use crate::server::{self, ListenAddr, Listener, ServerOptions, SocketPerms};
@@ -72,6 +72,8 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
                 allow_discards: args.allow_discards,
                 description: String::new(),
                 create: None,
+                device_id: args.device_id.clone(),
+                strict_binding: args.strict_binding,
             };
             let opts = ServerOptions {
                 max_connections: args.max_connections.max(1),
@@ -88,9 +90,10 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
     };
     let opts = ServerOptions { tls, ..opts };
 
+    let kms = kms_options(&args.kms);
     let mut exports: HashMap<String, Arc<Export>> = HashMap::new();
     for plan in &plans {
-        let export = open_export(&plan.cfg).await?;
+        let export = open_export(&plan.cfg, &kms, args.strict_binding).await?;
         exports.insert(plan.cfg.name.clone(), export);
     }
     let default_export = (plans.len() == 1).then(|| plans[0].cfg.name.clone());
@@ -102,18 +105,20 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
         tracing::info!(listener = %b.describe(), "listening");
         bound.push(b);
     }
-    tracing::info!(startup_ms = started.elapsed().as_millis() as u64, exports = exports.len(), "ready");
-
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutdown requested: draining in-flight requests");
-        let _ = shutdown_tx.send(true);
-    });
     tracing::info!(
         tls = ?opts.tls.mode, client_certificates = opts.tls.verifies_clients,
         max_connections = opts.max_connections, "server options"
     );
+    // Handlers are registered before "ready": a SIGTERM right after it is a clean shutdown.
+    let signal = wait_for_signal();
+    tracing::info!(startup_ms = started.elapsed().as_millis() as u64, exports = exports.len(), "ready");
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        signal.await;
+        tracing::info!("shutdown requested: draining in-flight requests");
+        let _ = shutdown_tx.send(true);
+    });
     let catalog = Catalog { exports: exports.clone(), default_export };
     server::run(bound, catalog, opts, shutdown_rx).await;
 
@@ -131,31 +136,41 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Registers SIGTERM and SIGINT handlers now; the future completes on the first signal.
+fn wait_for_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the process still dies on the default action.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let handlers = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()));
+    async move {
+        let (Ok(mut term), Ok(mut int)) = handlers else {
+            // Without signal handlers the process still dies on the default action.
+            std::future::pending::<()>().await;
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
     }
 }
 
-/// Opens (and on first start of a demo config, creates) one export.
-async fn open_export(cfg: &ExportConfig) -> Result<Arc<Export>, CmdError> {
+/// Opens (and on first start of a demo config, creates) one export. KMS is contacted here
+/// only, once per aws-kms slot tried; the export never needs it again.
+async fn open_export(cfg: &ExportConfig, kms: &KmsOptions, strict_binding: bool) -> Result<Arc<Export>, CmdError> {
     if let Some(create) = &cfg.create {
         create_if_missing(cfg, create).await?;
     }
-    let mut providers: Vec<Box<dyn KeyProvider>> = Vec::new();
-    for path in &cfg.kek_files {
-        providers.push(Box::new(local::LocalProvider::load(path)?));
-    }
+    let keyring = Keyring::new(&cfg.kek_files, kms.clone())?;
     let backend = volume::open_backend(&cfg.device, !cfg.read_only)?;
-    let unlocked = volume::unlock_backend(backend.clone(), &providers).await?;
+    let device_id = cfg.device_id.clone().or_else(|| crate::identity::device_volume_id(&cfg.device));
+    let strict = strict_binding || cfg.strict_binding;
+    let unlock_started = Instant::now();
+    let unlocked = volume::unlock_backend_checked(backend.clone(), &keyring, |h| {
+        volume::check_binding(h, device_id.as_deref(), strict)
+    })
+    .await?;
+    let unlock_ms = unlock_started.elapsed().as_millis() as u64;
     let slot = unlocked.slot;
+    let slot_provider = unlocked.header().slot(slot).map(|s| s.provider.clone()).unwrap_or_default();
     let opts = ExportOptions {
         name: cfg.name.clone(),
         description: cfg.description.clone(),
@@ -164,7 +179,7 @@ async fn open_export(cfg: &ExportConfig) -> Result<Arc<Export>, CmdError> {
     };
     let (export, h) = volume::into_export(unlocked, opts)?;
     tracing::info!(
-        export = %cfg.name, device = %backend.describe(), uuid = %h.uuid, slot,
+        export = %cfg.name, device = %backend.describe(), uuid = %h.uuid, slot, provider = %slot_provider, unlock_ms,
         sector_size = h.sector_size.bytes(), size = h.data_size, read_only = cfg.read_only,
         "volume unlocked"
     );
