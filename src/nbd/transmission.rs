@@ -391,3 +391,86 @@ where
         w.write_all(&codec::simple_reply(errno, reply.cookie)).await
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::backend::MemBackend;
+    use crate::crypto::{SectorCipher, VolumeKey};
+    use crate::export::{ExportOptions, Geometry};
+    use crate::units::SectorSize;
+    use tokio::io::duplex;
+
+    fn negotiated(structured: bool) -> Negotiated {
+        let ss = SectorSize::S4096;
+        let key = VolumeKey::generate().unwrap();
+        let opts =
+            ExportOptions { name: "t".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: ss, data_offset: 0, data_size: 1 << 20 };
+        let mem = Arc::new(MemBackend::new(1 << 20));
+        let export = Arc::new(Export::new(opts, geo, mem, SectorCipher::new(&key, ss).unwrap()));
+        Negotiated { export, structured_replies: structured }
+    }
+
+    fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_LEN] {
+        Request { flags: 0, command: Command::from(cmd), cookie, offset, len }.encode()
+    }
+
+    #[tokio::test]
+    async fn a_client_that_does_not_read_replies_stops_being_read() {
+        let (client, server) = duplex(4096);
+        let (r, w) = tokio::io::split(server);
+        let (_tx, rx) = watch::channel(false);
+        let limits = Limits { max_requests: 4, ..Limits::default() };
+        let serve = tokio::spawn(serve(r, w, negotiated(false), limits, rx));
+        // 200 reads of 4 KiB: far more replies than the pipe holds.
+        let mut wire = Vec::new();
+        for i in 0..200u64 {
+            wire.extend_from_slice(&request(proto::CMD_READ, i, 0, 4096));
+        }
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let sender = tokio::spawn(async move {
+            cw.write_all(&wire).await.unwrap();
+            cw
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!sender.is_finished(), "the server kept reading requests it could not answer");
+        // Reading the replies lets everything through.
+        let mut hdr = [0u8; 16];
+        let mut data = vec![0u8; 4096];
+        for _ in 0..200 {
+            cr.read_exact(&mut hdr).await.unwrap();
+            assert_eq!(&hdr[4..8], &[0, 0, 0, 0], "no error");
+            cr.read_exact(&mut data).await.unwrap();
+        }
+        let cw = sender.await.unwrap();
+        drop(cr.unsplit(cw));
+        serve.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_new_requests_eshutdown_then_closes() {
+        let (mut client, server) = duplex(1 << 20);
+        let (r, w) = tokio::io::split(server);
+        let (tx, rx) = watch::channel(false);
+        let limits = Limits { shutdown_grace: Duration::from_millis(500), ..Limits::default() };
+        let serve = tokio::spawn(serve(r, w, negotiated(false), limits, rx));
+        tx.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut wire = request(proto::CMD_WRITE, 7, 0, 512).to_vec();
+        wire.extend_from_slice(&[1; 512]);
+        wire.extend_from_slice(&request(proto::CMD_FLUSH, 8, 0, 0));
+        client.write_all(&wire).await.unwrap();
+        for cookie in [7u64, 8] {
+            let mut reply = [0u8; 16];
+            client.read_exact(&mut reply).await.unwrap();
+            assert_eq!(reply, codec::simple_reply(proto::ESHUTDOWN, cookie), "cookie {cookie}");
+        }
+        // Then, after the grace period, the server closes without the client doing anything.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await.unwrap().unwrap();
+        assert!(rest.is_empty());
+        serve.await.unwrap().unwrap();
+    }
+}
