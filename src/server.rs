@@ -352,7 +352,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let export = neg.export.name().to_owned();
-    tracing::info!(%peer, %export, structured = neg.structured_replies, tls, "client connected");
+    tracing::info!(
+        %peer, %export, structured = neg.structured_replies, extended = neg.extended_headers, tls,
+        "client connected"
+    );
     let (r, w) = tokio::io::split(stream);
     match transmission::serve(r, w, neg, ctx.opts.limits, ctx.shutdown.clone()).await {
         Ok(()) => tracing::info!(%peer, %export, "client disconnected"),

@@ -357,6 +357,67 @@ fn structured_replies_use_chunks_and_error_chunks() {
 }
 
 #[test]
+fn extended_headers_carry_64_bit_lengths_and_extended_replies() {
+    let (_v, d) = daemon(&[]);
+    let mut c = Raw::connect(d.port);
+    c.greet(3);
+    c.option(OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(c.reply().kind, REP_ACK);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.reply().kind, REP_ERR_EXT_HEADER_REQD, "no going back to structured replies");
+    let info = c.go("t");
+    assert_ne!(info.flags & TF_SEND_DF, 0);
+    let data = pseudo_random(4096, 5);
+    // A write (with or without PAYLOAD_LEN: qemu omits it) gets a lone NONE chunk.
+    for (cookie, flags) in [(1u64, FLAG_PAYLOAD_LEN), (2, 0)] {
+        c.ext_request(flags, CMD_WRITE, cookie, 8192, 4096, &data);
+        let ch = c.ext_chunk();
+        assert_eq!((ch.kind, ch.flags, ch.cookie, ch.offset, ch.payload.len()), (REPLY_TYPE_NONE, 1, cookie, 8192, 0));
+    }
+    // A read: OFFSET_DATA, the request's offset in the header and in the payload.
+    c.ext_request(FLAG_DF, CMD_READ, 3, 8192, 4096, &[]);
+    let ch = c.ext_chunk();
+    assert_eq!((ch.kind, ch.flags, ch.cookie, ch.offset), (REPLY_TYPE_OFFSET_DATA, 1, 3, 8192));
+    assert_eq!(&ch.payload[..8], &8192u64.to_be_bytes());
+    assert_eq!(&ch.payload[8..], &data[..]);
+    // A payload on a command that takes none: consumed, then EINVAL.
+    c.ext_request(FLAG_PAYLOAD_LEN, CMD_FLUSH, 4, 0, 100, &[0xaa; 100]);
+    let ch = c.ext_chunk();
+    assert_eq!((ch.kind, ch.cookie, ch.error()), (REPLY_TYPE_ERROR, 4, EINVAL));
+    // 64-bit effect lengths: past the end, or more zeroing than one request may ask.
+    c.ext_request(0, CMD_TRIM, 5, 0, 1 << 40, &[]);
+    assert_eq!((c.ext_chunk().error()), EINVAL);
+    c.ext_request(0, CMD_WRITE_ZEROES, 6, 0, 1 << 33, &[]);
+    assert_eq!(c.ext_chunk().error(), EINVAL);
+    c.ext_request(0, CMD_CACHE, 7, 0, info.size, &[]);
+    assert_eq!(c.ext_chunk().kind, REPLY_TYPE_NONE, "cache of the whole export in one request");
+    c.ext_request(0, CMD_READ, 8, 0, 0, &[]);
+    let ch = c.ext_chunk();
+    assert_eq!((ch.kind, ch.payload.len()), (REPLY_TYPE_NONE, 0), "zero-length read");
+    c.ext_request(0, CMD_READ, 9, info.size, 512, &[]);
+    let ch = c.ext_chunk();
+    assert_eq!((ch.kind, ch.offset, ch.error()), (REPLY_TYPE_ERROR, info.size, EINVAL));
+    // A compact header once extended headers are on is a protocol violation.
+    c.request(0, CMD_READ, 10, 0, 512, &[]);
+    let _ = c.try_send(&[0; 4]);
+    assert!(c.is_closed());
+    assert_serves(d.port);
+}
+
+#[test]
+fn extended_write_payload_over_the_maximum_closes_the_connection() {
+    let (_v, d) = daemon(&[]);
+    let mut c = Raw::connect(d.port);
+    c.greet(3);
+    c.option(OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(c.reply().kind, REP_ACK);
+    c.go("t");
+    c.ext_request(FLAG_PAYLOAD_LEN, CMD_WRITE, 1, 0, 1 << 40, &[0; 4096]);
+    assert!(c.is_closed());
+    assert_serves(d.port);
+}
+
+#[test]
 fn fast_zero_is_refused_at_once_and_zeroes_are_written() {
     let (_v, d) = daemon(&[]);
     let (mut c, _) = Raw::connect(d.port).open("t", false);

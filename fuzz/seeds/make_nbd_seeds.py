@@ -13,7 +13,8 @@ import struct
 HERE = os.path.dirname(os.path.abspath(__file__))
 IHAVEOPT = 0x49484156454F5054
 REQ = 0x25609513
-OPT = dict(EXPORT_NAME=1, ABORT=2, LIST=3, STARTTLS=5, INFO=6, GO=7, STRUCTURED=8, LIST_META=9, SET_META=10)
+EXT_REQ = 0x21E41C71
+OPT = dict(EXTENDED=11, EXPORT_NAME=1, ABORT=2, LIST=3, STARTTLS=5, INFO=6, GO=7, STRUCTURED=8, LIST_META=9, SET_META=10)
 CMD = dict(READ=0, WRITE=1, DISC=2, FLUSH=3, TRIM=4, CACHE=5, WRITE_ZEROES=6, BLOCK_STATUS=7)
 
 
@@ -32,6 +33,23 @@ def meta(name=b"vol", queries=(b"base:allocation",)):
 
 def req(cmd, offset=0, length=0, flags=0, cookie=1):
     return struct.pack(">IHHQQI", REQ, flags, cmd, cookie, offset, length)
+
+
+def ext_req(cmd, offset=0, length=0, flags=0, cookie=1):
+    return struct.pack(">IHHQQQ", EXT_REQ, flags, cmd, cookie, offset, length)
+
+
+def ext_io_session():
+    return (
+        ext_req(CMD["WRITE"], 512, 1024, flags=32, cookie=1) + bytes(range(256)) * 4
+        + ext_req(CMD["WRITE"], 512, 1024, cookie=2)
+        + ext_req(CMD["READ"], 0, 4096, flags=4, cookie=3)
+        + ext_req(CMD["FLUSH"], 0, 16, flags=32, cookie=4) + bytes(16)
+        + ext_req(CMD["TRIM"], 0, 1 << 40, cookie=5)
+        + ext_req(CMD["WRITE_ZEROES"], 0, 1 << 33, cookie=6)
+        + ext_req(CMD["READ"], 0, 0, cookie=7)
+        + ext_req(CMD["DISC"])
+    )
 
 
 def io_session():
@@ -69,6 +87,8 @@ handshake = {
     "require-starttls-go": b"\x02" + hello + opt(OPT["LIST"]) + opt(OPT["STARTTLS"])
     + opt(OPT["STRUCTURED"]) + opt(OPT["STARTTLS"]) + opt(OPT["GO"], info()) + io_session(),
     "optional-go-readonly": b"\x09" + hello + opt(OPT["GO"], info(b"vol", (3,))) + io_session(),
+    "extended-io": b"\x00" + hello + opt(OPT["EXTENDED"]) + opt(OPT["STRUCTURED"]) + opt(OPT["GO"], info())
+    + ext_io_session(),
     "shutdown": b"\x04" + hello + opt(OPT["GO"], info()) + opt(OPT["ABORT"]),
 }
 for name, data in handshake.items():
@@ -90,6 +110,7 @@ requests = {
     "write-fua": req(CMD["WRITE"], 0, 4096, flags=1),
     "zeroes-fast": req(CMD["WRITE_ZEROES"], 0, 4096, flags=16 | 2),
     "unknown": req(0x42, 1 << 63, 0xFFFFFFFF, flags=0xFFFF),
+    "extended-write": ext_req(CMD["WRITE"], 4096, 1 << 33, flags=33),
 }
 for name, data in requests.items():
     write("nbd_request", name, data)

@@ -12,6 +12,9 @@
 //! [`TlsMode::Require`] is FORCEDTLS: before TLS, every option but STARTTLS and ABORT gets
 //! `NBD_REP_ERR_TLS_REQD`, and EXPORT_NAME (which cannot be refused) closes the connection.
 //!
+//! Extended headers (`NBD_OPT_EXTENDED_HEADERS`) are offered: they take precedence over
+//! structured replies (a STRUCTURED_REPLY after them gets `NBD_REP_ERR_EXT_HEADER_REQD`).
+//!
 //! Metadata contexts: none is offered. `base:allocation` would have to report holes and zeros,
 //! but a hole in the raw volume decrypts to noise, not zeros, and knowing which blocks hold
 //! zeros would need reading and decrypting them; an honest answer is "every block is data", which
@@ -93,6 +96,9 @@ pub struct ClientFlags {
 pub struct Negotiated {
     pub export: Arc<Export>,
     pub structured_replies: bool,
+    /// `NBD_OPT_EXTENDED_HEADERS`: 32-byte requests with 64-bit lengths, and every reply an
+    /// extended chunk (takes precedence over structured replies).
+    pub extended_headers: bool,
 }
 
 /// How one call of [`haggle`] ended.
@@ -210,6 +216,7 @@ where
 {
     // Negotiation state: fresh on every call, so nothing survives STARTTLS.
     let mut structured = false;
+    let mut extended = false;
     let mut out = Vec::with_capacity(256);
     let mut data = Vec::new();
 
@@ -273,11 +280,12 @@ where
                 codec::export_name_reply(
                     &mut out,
                     export.size(),
-                    transmission_flags(&export, structured),
+                    transmission_flags(&export, structured || extended),
                     flags.no_zeroes,
                 );
                 send(stream, &out).await?;
-                return Ok(Outcome::Transmission(Negotiated { export, structured_replies: structured }));
+                let neg = Negotiated { export, structured_replies: structured, extended_headers: extended };
+                return Ok(Outcome::Transmission(neg));
             }
             ClientOption::Abort => {
                 codec::option_reply(&mut out, h.code, proto::REP_ACK, &[]);
@@ -305,9 +313,17 @@ where
                     return Ok(Outcome::StartTls);
                 }
             }
+            ClientOption::StructuredReply if extended => {
+                let msg = "extended headers are in use: no going back to structured replies";
+                codec::rep_error(&mut out, h.code, proto::REP_ERR_EXT_HEADER_REQD, msg);
+            }
             ClientOption::StructuredReply => {
                 // A repeat is tolerated (the spec allows refusing it, nothing requires it).
                 structured = true;
+                codec::option_reply(&mut out, h.code, proto::REP_ACK, &[]);
+            }
+            ClientOption::ExtendedHeaders => {
+                extended = true;
                 codec::option_reply(&mut out, h.code, proto::REP_ACK, &[]);
             }
             ClientOption::Info(req) | ClientOption::Go(req) => {
@@ -318,25 +334,26 @@ where
                         codec::rep_error(&mut out, h.code, proto::REP_ERR_UNKNOWN, &msg);
                     }
                     Some(export) => {
-                        info_replies(&mut out, h.code, &export, &req, structured);
+                        info_replies(&mut out, h.code, &export, &req, structured || extended);
                         codec::option_reply(&mut out, h.code, proto::REP_ACK, &[]);
                         if go {
                             send(stream, &out).await?;
-                            return Ok(Outcome::Transmission(Negotiated { export, structured_replies: structured }));
+                            let neg = Negotiated { export, structured_replies: structured, extended_headers: extended };
+                            return Ok(Outcome::Transmission(neg));
                         }
                     }
                 }
             }
             ClientOption::ListMetaContext(q) => meta_context_reply(&mut out, h.code, catalog, &q),
             ClientOption::SetMetaContext(q) => {
-                if structured {
+                if structured || extended {
                     meta_context_reply(&mut out, h.code, catalog, &q);
                 } else {
                     let msg = "negotiate structured replies before SET_META_CONTEXT";
                     codec::rep_error(&mut out, h.code, proto::REP_ERR_INVALID, msg);
                 }
             }
-            ClientOption::ExtendedHeaders | ClientOption::Unknown(_) => {
+            ClientOption::Unknown(_) => {
                 codec::rep_error(&mut out, h.code, proto::REP_ERR_UNSUP, "option not supported");
             }
         }
@@ -508,6 +525,25 @@ mod tests {
         assert_eq!(reply(&mut c).await.1, proto::REP_ERR_UNKNOWN);
         send_opt(&mut c, &ClientOption::Abort).await;
         task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn extended_headers_are_accepted_and_exclude_structured_replies() {
+        let (mut c, task) = start(TlsState::OFF, false);
+        client_hello(&mut c).await;
+        send_opt(&mut c, &ClientOption::ExtendedHeaders).await;
+        assert_eq!(reply(&mut c).await.1, proto::REP_ACK);
+        send_opt(&mut c, &ClientOption::StructuredReply).await;
+        assert_eq!(reply(&mut c).await.1, proto::REP_ERR_EXT_HEADER_REQD);
+        send_opt(&mut c, &go("vol", vec![])).await;
+        let (_, _, d) = reply(&mut c).await;
+        let tflags = u16::from_be_bytes([d[10], d[11]]);
+        assert_ne!(tflags & proto::FLAG_SEND_DF, 0, "DF with extended headers");
+        while reply(&mut c).await.1 != proto::REP_ACK {}
+        match task.await.unwrap() {
+            Ok(Outcome::Transmission(n)) => assert!(n.extended_headers && !n.structured_replies),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

@@ -21,9 +21,9 @@ pub const REQUEST_MAGIC: u32 = 0x25609513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x67446698;
 /// First word of a structured reply chunk (`NBD_STRUCTURED_REPLY_MAGIC`).
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e33ef;
-/// First word of an extended request (`EXTENDED_HEADERS` extension; not implemented here).
+/// First word of an extended request (`EXTENDED_HEADERS` extension).
 pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e41c71;
-/// First word of an extended reply (`EXTENDED_HEADERS` extension; not implemented here).
+/// First word of an extended reply (`EXTENDED_HEADERS` extension).
 pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a278c;
 
 // ---------------------------------------------------------------------------------------------

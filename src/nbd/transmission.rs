@@ -15,6 +15,10 @@
 //! client that does not read its replies stops being read from (the reply queue cannot grow
 //! past the request cap, and read buffers count against the byte budget until sent).
 //!
+//! Replies take one of three forms, fixed by negotiation: simple; structured (chunks for reads
+//! and errors); extended (`EXTENDED_HEADERS`: 32-byte requests with 64-bit lengths, and every
+//! reply a 32-byte-header chunk echoing the request's offset).
+//!
 //! Shutdown (`doc/proto.md`, "Terminating the transmission phase"): once the flag turns, the
 //! requests in flight finish normally; requests that arrive during a grace period get
 //! `NBD_ESHUTDOWN` (a WRITE's payload is read and dropped), which tells the client to
@@ -27,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-use super::codec::{self, CodecError, Command, Request, REQUEST_LEN};
+use super::codec::{self, CodecError, Command, ExtendedRequest, EXTENDED_REQUEST_LEN, REQUEST_LEN};
 use super::handshake::Negotiated;
 use super::proto;
 use crate::export::{Export, ExportError, MAX_REQUEST};
@@ -64,7 +68,7 @@ pub enum TransmissionError {
     Protocol(#[from] CodecError),
     /// A WRITE announced more payload than the advertised maximum.
     #[error("write payload of {len} bytes exceeds the advertised maximum {max}")]
-    PayloadTooLarge { len: u32, max: u32 },
+    PayloadTooLarge { len: u64, max: u32 },
     /// The stream ended inside a request header.
     #[error("connection closed in the middle of a request header")]
     TruncatedHeader,
@@ -80,7 +84,7 @@ enum Body {
 struct Reply {
     cookie: u64,
     offset: u64,
-    len: u32,
+    len: u64,
     body: Body,
     /// Released once the reply is written (or dropped with it).
     _permits: Permits,
@@ -91,9 +95,58 @@ struct Permits {
     _bytes: Option<OwnedSemaphorePermit>,
 }
 
+/// How replies are framed, fixed by negotiation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// Simple replies only.
+    Simple,
+    /// Structured reply chunks for reads and errors, simple replies otherwise.
+    Structured,
+    /// Extended headers: 32-byte requests, and every reply an extended chunk.
+    Extended,
+}
+
+impl Format {
+    fn of(neg: &Negotiated) -> Format {
+        if neg.extended_headers {
+            Format::Extended
+        } else if neg.structured_replies {
+            Format::Structured
+        } else {
+            Format::Simple
+        }
+    }
+
+    fn header_len(self) -> usize {
+        match self {
+            Format::Extended => EXTENDED_REQUEST_LEN,
+            Format::Simple | Format::Structured => REQUEST_LEN,
+        }
+    }
+
+    fn decode(self, hdr: &[u8; EXTENDED_REQUEST_LEN]) -> Result<ExtendedRequest, CodecError> {
+        match self {
+            Format::Extended => codec::decode_extended_request(hdr),
+            Format::Simple | Format::Structured => {
+                let compact = hdr.first_chunk::<REQUEST_LEN>().ok_or(CodecError::Invalid("short header"))?;
+                codec::decode_request(compact).map(ExtendedRequest::from)
+            }
+        }
+    }
+
+    /// The payload that follows a request header: a WRITE's length; with extended headers,
+    /// also the length of any request flagged `NBD_CMD_FLAG_PAYLOAD_LEN`. The extension says a
+    /// WRITE MUST carry that flag, but qemu's client (10.0) sends WRITE without it, and qemu's
+    /// server takes a WRITE's length as its payload either way: so does this one.
+    fn payload_len(self, req: &ExtendedRequest) -> Option<u64> {
+        let flagged = self == Format::Extended && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0;
+        (req.command == Command::Write || flagged).then_some(req.len)
+    }
+}
+
 /// What waiting for the next request header gave.
 enum Next {
-    Header([u8; REQUEST_LEN]),
+    Header([u8; EXTENDED_REQUEST_LEN]),
     /// The client closed cleanly between requests.
     Eof,
     /// Shutdown was signalled (only reported once, before the grace period).
@@ -106,25 +159,27 @@ enum Next {
 /// shutdown signal arriving mid-header loses nothing.
 async fn next_header<R>(
     reader: &mut R,
+    len: usize,
     shutdown: &mut watch::Receiver<bool>,
     deadline: Option<Instant>,
 ) -> Result<Next, TransmissionError>
 where
     R: AsyncRead + Unpin,
 {
-    let mut hdr = [0u8; REQUEST_LEN];
+    let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
+    let len = len.min(EXTENDED_REQUEST_LEN);
     let mut filled = 0;
-    while filled < REQUEST_LEN {
+    while filled < len {
         let n = match deadline {
             None => tokio::select! {
                 biased;
                 _ = shutdown.wait_for(|s| *s), if filled == 0 => return Ok(Next::Shutdown),
-                r = reader.read(&mut hdr[filled..]) => r?,
+                r = reader.read(&mut hdr[filled..len]) => r?,
             },
             Some(d) => tokio::select! {
                 biased;
                 _ = tokio::time::sleep_until(d) => return Ok(Next::GraceOver),
-                r = reader.read(&mut hdr[filled..]) => r?,
+                r = reader.read(&mut hdr[filled..len]) => r?,
             },
         };
         if n == 0 {
@@ -148,18 +203,18 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    let format = Format::of(&neg);
     let export = neg.export;
-    let structured = neg.structured_replies;
     // Unbounded, yet bounded: every reply holds a request permit until it is written.
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx, structured));
+    let writer_task = tokio::spawn(write_replies(writer, rx, format));
     let requests = Arc::new(Semaphore::new(limits.max_requests.max(1)));
     let byte_units = (limits.max_bytes >> UNIT_SHIFT).max((MAX_REQUEST as usize >> UNIT_SHIFT) + 1);
     let bytes = Arc::new(Semaphore::new(byte_units));
     let mut deadline: Option<Instant> = None;
 
     let result = loop {
-        let hdr = match next_header(&mut reader, &mut shutdown, deadline).await {
+        let hdr = match next_header(&mut reader, format.header_len(), &mut shutdown, deadline).await {
             Ok(Next::Header(h)) => h,
             Ok(Next::Eof) | Ok(Next::GraceOver) => break Ok(()),
             Ok(Next::Shutdown) => {
@@ -168,17 +223,18 @@ where
             }
             Err(e) => break Err(e),
         };
-        let req = match codec::decode_request(&hdr) {
+        let req = match format.decode(&hdr) {
             Ok(r) => r,
             Err(e) => break Err(e.into()),
         };
         if req.command == Command::Disc {
             break Ok(());
         }
-        if req.command == Command::Write && req.len > MAX_REQUEST {
+        let payload_len = format.payload_len(&req);
+        if let Some(len) = payload_len.filter(|&l| l > u64::from(MAX_REQUEST)) {
             // The payload cannot be skipped without reading it all; the spec allows a hard
             // disconnect for a payload over the advertised maximum.
-            break Err(TransmissionError::PayloadTooLarge { len: req.len, max: MAX_REQUEST });
+            break Err(TransmissionError::PayloadTooLarge { len, max: MAX_REQUEST });
         }
         // The request permit comes before the payload is read or a buffer allocated:
         // back-pressure. After shutdown, waiting is bounded by the grace period.
@@ -195,11 +251,11 @@ where
 
         if let Some(d) = deadline {
             // Shutting down: consume the payload, answer ESHUTDOWN, keep the stream in step.
-            if req.command == Command::Write {
-                let mut payload = (&mut reader).take(u64::from(req.len));
+            if let Some(len) = payload_len {
+                let mut payload = (&mut reader).take(len);
                 let mut sink = tokio::io::sink();
                 match tokio::time::timeout_at(d, tokio::io::copy(&mut payload, &mut sink)).await {
-                    Ok(Ok(n)) if n == u64::from(req.len) => {}
+                    Ok(Ok(n)) if n == len => {}
                     Ok(Ok(_)) => break Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
                     Ok(Err(e)) => break Err(e.into()),
                     Err(_) => break Ok(()),
@@ -213,21 +269,25 @@ where
             continue;
         }
 
-        let payload_len = match req.command {
-            Command::Write | Command::Read if req.len <= MAX_REQUEST => req.len,
-            _ => 0,
+        // Bytes held for this request: its payload, or the buffer of a read. Both are at most
+        // MAX_REQUEST (checked above; longer reads are refused without a buffer).
+        let held = match (payload_len, req.command) {
+            (Some(len), _) => len,
+            (None, Command::Read) if req.len <= u64::from(MAX_REQUEST) => req.len,
+            (None, _) => 0,
         };
-        let units = (payload_len >> UNIT_SHIFT) + 1;
+        let units = (held >> UNIT_SHIFT) as u32 + 1;
         let Ok(byte_permit) = bytes.clone().acquire_many_owned(units).await else { break Ok(()) };
         let mut payload = Vec::new();
-        if req.command == Command::Write {
-            payload.resize(req.len as usize, 0);
+        if let Some(len) = payload_len {
+            payload.resize(len as usize, 0);
             if let Err(e) = reader.read_exact(&mut payload).await {
                 break Err(e.into());
             }
         }
         let permits = Permits { _request: req_permit, _bytes: Some(byte_permit) };
-        if let Some(refusal) = refuse(&req, structured) {
+        if let Some(refusal) = refuse(&req, format) {
+            tracing::debug!(?req, "request refused");
             if tx.send(reply(refusal, permits)).is_err() {
                 break Ok(());
             }
@@ -245,44 +305,62 @@ where
 
 /// Flags each command may carry; anything else gets EINVAL. FUA is accepted on every
 /// command: the spec notes that existing clients set it on commands that do not write, and
-/// lets the server ignore it there.
-fn allowed_flags(cmd: Command, structured: bool) -> u16 {
+/// lets the server ignore it there. With extended headers only WRITE takes a payload.
+fn allowed_flags(cmd: Command, format: Format) -> u16 {
+    let chunked = format != Format::Simple;
     proto::CMD_FLAG_FUA
         | match cmd {
-            Command::Read if structured => proto::CMD_FLAG_DF,
+            Command::Read if chunked => proto::CMD_FLAG_DF,
+            Command::Write if format == Format::Extended => proto::CMD_FLAG_PAYLOAD_LEN,
             Command::WriteZeroes => proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
             _ => 0,
         }
 }
 
+/// Largest effect length of a WRITE_ZEROES (64-bit with extended headers): zeroes are
+/// encrypted and written like data, so one request is capped at what a compact header can
+/// ask for; the spec allows refusing larger ones.
+const MAX_ZERO_LEN: u64 = u32::MAX as u64;
+
 /// Requests answered without touching the export: unknown commands, commands this server
-/// does not offer, flags not valid for the command, reads over the maximum payload.
-fn refuse(req: &Request, structured: bool) -> Option<Body> {
+/// does not offer, flags not valid for the command (a payload on anything but a WRITE), reads
+/// over the maximum payload, zeroes over [`MAX_ZERO_LEN`].
+fn refuse(req: &ExtendedRequest, format: Format) -> Option<Body> {
     match req.command {
         Command::Disc | Command::BlockStatus | Command::Resize | Command::Unknown(_) => {
             return Some(Body::Errno(proto::EINVAL, "unsupported command"));
         }
         Command::Read | Command::Write | Command::Flush | Command::Trim | Command::Cache | Command::WriteZeroes => {}
     }
-    if req.flags & !allowed_flags(req.command, structured) != 0 {
+    if req.flags & !allowed_flags(req.command, format) != 0 {
         return Some(Body::Errno(proto::EINVAL, "unsupported command flags"));
     }
-    if req.command == Command::Read && req.len > MAX_REQUEST {
-        return Some(Body::Err(ExportError::TooLarge { len: u64::from(req.len), max: MAX_REQUEST }));
+    if req.command == Command::Read && req.len > u64::from(MAX_REQUEST) {
+        return Some(Body::Err(ExportError::TooLarge { len: req.len, max: MAX_REQUEST }));
+    }
+    if req.command == Command::WriteZeroes && req.len > MAX_ZERO_LEN {
+        return Some(Body::Err(ExportError::TooLarge { len: req.len, max: u32::MAX }));
     }
     None
 }
 
-fn dispatch(export: &Arc<Export>, req: Request, payload: Vec<u8>, tx: mpsc::UnboundedSender<Reply>, permits: Permits) {
+fn dispatch(
+    export: &Arc<Export>,
+    req: ExtendedRequest,
+    payload: Vec<u8>,
+    tx: mpsc::UnboundedSender<Reply>,
+    permits: Permits,
+) {
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
     let export = export.clone();
     let job = move || -> Body {
-        let len = u64::from(req.len);
+        let len = req.len;
         let r = match req.command {
             Command::Read => {
                 if let Err(e) = export.validate_read(req.offset, len) {
                     return Body::Err(e);
                 }
+                // At most MAX_REQUEST: longer reads are refused before dispatch.
                 let mut buf = vec![0u8; req.len as usize];
                 return match export.read(req.offset, &mut buf) {
                     Ok(()) => Body::Data(buf),
@@ -331,14 +409,14 @@ fn is_data_error(e: &ExportError) -> bool {
     }
 }
 
-async fn write_replies<W>(writer: W, mut rx: mpsc::UnboundedReceiver<Reply>, structured: bool) -> std::io::Result<()>
+async fn write_replies<W>(writer: W, mut rx: mpsc::UnboundedReceiver<Reply>, format: Format) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
     let mut w = BufWriter::with_capacity(64 << 10, writer);
     let mut scratch = Vec::with_capacity(256);
     while let Some(reply) = rx.recv().await {
-        write_one(&mut w, &reply, structured, &mut scratch).await?;
+        write_one(&mut w, &reply, format, &mut scratch).await?;
         drop(reply); // releases its permits
                      // Batch small replies: flush only when nothing else is ready.
         if rx.is_empty() {
@@ -349,28 +427,32 @@ where
     w.into_inner().shutdown().await.or(Ok(()))
 }
 
-async fn write_one<W>(
-    w: &mut BufWriter<W>,
-    reply: &Reply,
-    structured: bool,
-    scratch: &mut Vec<u8>,
-) -> std::io::Result<()>
+async fn write_one<W>(w: &mut BufWriter<W>, reply: &Reply, format: Format, scratch: &mut Vec<u8>) -> std::io::Result<()>
 where
     W: AsyncWrite + Unpin,
 {
     let (errno, msg, at) = match &reply.body {
         Body::Ok => (0, String::new(), None),
-        Body::Data(data) if structured && data.is_empty() => {
+        Body::Data(data) if data.is_empty() && format != Format::Simple => {
             // A zero-length read: OFFSET_DATA must carry at least one byte, so just DONE.
-            return w.write_all(&codec::done_chunk(reply.cookie)).await;
+            return match format {
+                Format::Extended => w.write_all(&codec::extended_done_chunk(reply.cookie, reply.offset)).await,
+                Format::Simple | Format::Structured => w.write_all(&codec::done_chunk(reply.cookie)).await,
+            };
         }
         Body::Data(data) => {
-            if structured {
-                // One chunk, DONE set: the data is all read before the reply starts, so no
-                // error can follow, and NBD_CMD_FLAG_DF is honoured whatever the length.
-                w.write_all(&codec::offset_data_header(reply.cookie, reply.offset, data.len() as u32, true)).await?;
-            } else {
-                w.write_all(&codec::simple_reply(0, reply.cookie)).await?;
+            // One chunk, DONE set: the data is all read before the reply starts, so no error
+            // can follow, and NBD_CMD_FLAG_DF is honoured whatever the length. At most
+            // MAX_REQUEST bytes, so the length fits the chunk's 32 bits.
+            let len = data.len() as u32;
+            match format {
+                Format::Simple => w.write_all(&codec::simple_reply(0, reply.cookie)).await?,
+                Format::Structured => {
+                    w.write_all(&codec::offset_data_header(reply.cookie, reply.offset, len, true)).await?
+                }
+                Format::Extended => {
+                    w.write_all(&codec::extended_offset_data_header(reply.cookie, reply.offset, len, true)).await?
+                }
             }
             return w.write_all(data).await;
         }
@@ -383,12 +465,19 @@ where
         }
         Body::Errno(n, m) => (*n, (*m).to_string(), None),
     };
-    if structured && errno != 0 {
-        scratch.clear();
-        codec::error_chunk(scratch, reply.cookie, errno, &msg, at, true);
-        w.write_all(scratch).await
-    } else {
-        w.write_all(&codec::simple_reply(errno, reply.cookie)).await
+    match format {
+        Format::Extended if errno == 0 => w.write_all(&codec::extended_done_chunk(reply.cookie, reply.offset)).await,
+        Format::Extended => {
+            scratch.clear();
+            codec::extended_error_chunk(scratch, reply.cookie, reply.offset, errno, &msg, at, true);
+            w.write_all(scratch).await
+        }
+        Format::Structured if errno != 0 => {
+            scratch.clear();
+            codec::error_chunk(scratch, reply.cookie, errno, &msg, at, true);
+            w.write_all(scratch).await
+        }
+        Format::Simple | Format::Structured => w.write_all(&codec::simple_reply(errno, reply.cookie)).await,
     }
 }
 
@@ -410,11 +499,11 @@ mod tests {
         let geo = Geometry { sector_size: ss, data_offset: 0, data_size: 1 << 20 };
         let mem = Arc::new(MemBackend::new(1 << 20));
         let export = Arc::new(Export::new(opts, geo, mem, SectorCipher::new(&key, ss).unwrap()));
-        Negotiated { export, structured_replies: structured }
+        Negotiated { export, structured_replies: structured, extended_headers: false }
     }
 
     fn request(cmd: u16, cookie: u64, offset: u64, len: u32) -> [u8; REQUEST_LEN] {
-        Request { flags: 0, command: Command::from(cmd), cookie, offset, len }.encode()
+        codec::Request { flags: 0, command: Command::from(cmd), cookie, offset, len }.encode()
     }
 
     #[tokio::test]

@@ -10,6 +10,11 @@ pub const REP_MAGIC: u64 = 0x3e889045565a9;
 pub const REQUEST_MAGIC: u32 = 0x25609513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x67446698;
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e33ef;
+pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e41c71;
+pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a278c;
+pub const OPT_EXTENDED_HEADERS: u32 = 11;
+pub const REP_ERR_EXT_HEADER_REQD: u32 = 0x8000_000a;
+pub const FLAG_PAYLOAD_LEN: u16 = 32;
 
 pub const OPT_EXPORT_NAME: u32 = 1;
 pub const OPT_ABORT: u32 = 2;
@@ -81,6 +86,23 @@ pub struct Chunk {
 
 impl Chunk {
     /// The error of an error chunk.
+    pub fn error(&self) -> u32 {
+        u32::from_be_bytes(self.payload[..4].try_into().unwrap())
+    }
+}
+
+/// An extended reply chunk.
+#[derive(Debug)]
+pub struct ExtChunk {
+    pub flags: u16,
+    pub kind: u16,
+    pub cookie: u64,
+    /// The request's offset, echoed.
+    pub offset: u64,
+    pub payload: Vec<u8>,
+}
+
+impl ExtChunk {
     pub fn error(&self) -> u32 {
         u32::from_be_bytes(self.payload[..4].try_into().unwrap())
     }
@@ -212,6 +234,31 @@ impl<S: Read + Write> Raw<S> {
         b.extend_from_slice(&len.to_be_bytes());
         b.extend_from_slice(payload);
         self.send(&b);
+    }
+
+    /// An extended request (32-byte header, 64-bit length).
+    pub fn ext_request(&mut self, flags: u16, cmd: u16, cookie: u64, offset: u64, len: u64, payload: &[u8]) {
+        let mut b = EXTENDED_REQUEST_MAGIC.to_be_bytes().to_vec();
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&cmd.to_be_bytes());
+        b.extend_from_slice(&cookie.to_be_bytes());
+        b.extend_from_slice(&offset.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(payload);
+        self.send(&b);
+    }
+
+    pub fn ext_chunk(&mut self) -> ExtChunk {
+        let h = self.read_n(32);
+        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), EXTENDED_REPLY_MAGIC, "extended reply magic");
+        let len = u64::from_be_bytes(h[24..32].try_into().unwrap()) as usize;
+        ExtChunk {
+            flags: u16::from_be_bytes([h[4], h[5]]),
+            kind: u16::from_be_bytes([h[6], h[7]]),
+            cookie: u64::from_be_bytes(h[8..16].try_into().unwrap()),
+            offset: u64::from_be_bytes(h[16..24].try_into().unwrap()),
+            payload: self.read_n(len),
+        }
     }
 
     /// A simple reply header: (error, cookie).
