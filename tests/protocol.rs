@@ -97,9 +97,9 @@ fn unknown_options_get_unsup_and_negotiation_goes_on() {
         let r = c.reply();
         assert_eq!((r.option, r.kind), (code, REP_ERR_UNSUP), "option {code}");
     }
-    // EXTENDED_HEADERS is known (it takes no data) but not implemented.
-    c.option(11, &[]);
-    assert_eq!(c.reply().kind, REP_ERR_UNSUP);
+    // Known options with data they must not have are INVALID, not UNSUP.
+    c.option(OPT_EXTENDED_HEADERS, b"x");
+    assert_eq!(c.reply().kind, REP_ERR_INVALID);
     c.go("t");
     assert_eq!(c.write_at(0, &[7; 4096]), 0);
     assert_serves(d.port);
