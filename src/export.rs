@@ -651,7 +651,12 @@ mod tests {
         for seed in 0..20 {
             let key = VolumeKey::generate().unwrap();
             let fault = Arc::new(FaultBackend::new(vec![0u8; size], 512, seed));
-            fault.set_faults(FaultPlan { flush_eio: 100_000, flush_eio_return_us: 500, flush_us: 300, ..Default::default() });
+            fault.set_faults(FaultPlan {
+                flush_eio: 100_000,
+                flush_eio_return_us: 500,
+                flush_us: 300,
+                ..Default::default()
+            });
             let e =
                 Arc::new(Export::new(opts(), geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap()));
             let clock = Arc::new(AtomicU64::new(0));
