@@ -8,13 +8,18 @@
 //! requests in flight, and each sector is written whole).
 //!
 //! This is also the one place where failures become NBD errnos: [`ExportError::errno`].
+//!
+//! The sector cipher sits behind a [`CipherGate`]: `nbdcrypt suspend` drops it (the key
+//! schedules are freed) and cipher calls wait until `resume` gives a new one; the I/O paths
+//! below do not change. The export also carries its [`ExportMetrics`].
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::backend::Backend;
-use crate::crypto::{CipherError, SectorCipher};
+use crate::crypto::{CipherError, CipherGate, GateError, GateState, SectorCipher};
+use crate::metrics::{ExportMetrics, Fault};
 use crate::nbd::proto;
 use crate::units::{ByteRange, SectorIndex, SectorSize};
 
@@ -30,9 +35,12 @@ pub enum ExportError {
     /// A read or cache request reaches past the end of the export.
     #[error("read of {len} bytes at offset {offset} is past the end of the export ({size} bytes)")]
     ReadOutOfRange { offset: u64, len: u64, size: u64 },
-    /// A write, zero or trim request reaches past the end of the export.
+    /// A write or zero request reaches past the end of the export.
     #[error("write of {len} bytes at offset {offset} is past the end of the export ({size} bytes)")]
     WriteOutOfRange { offset: u64, len: u64, size: u64 },
+    /// A trim request reaches past the end of the export (the spec wants EINVAL, as reads).
+    #[error("trim of {len} bytes at offset {offset} is past the end of the export ({size} bytes)")]
+    TrimOutOfRange { offset: u64, len: u64, size: u64 },
     /// The export is read-only.
     #[error("the export is read-only")]
     ReadOnly,
@@ -51,6 +59,9 @@ pub enum ExportError {
     /// The sector cipher failed (never expected: its preconditions are checked at open).
     #[error("sector cipher failed")]
     Cipher(#[from] CipherError),
+    /// The export was suspended and the server shut down before it was resumed.
+    #[error("the export is suspended and the server is shutting down")]
+    ShuttingDown,
     /// An earlier flush failed, so writes acknowledged before it may never reach the raw
     /// volume, and no later flush can vouch for them (see [`Export::flush`]).
     #[error("an earlier flush of the raw volume failed; writes may have been lost (restart to clear)")]
@@ -67,9 +78,11 @@ impl ExportError {
             }
             ExportError::ReadOutOfRange { .. }
             | ExportError::WriteOutOfRange { .. }
+            | ExportError::TrimOutOfRange { .. }
             | ExportError::ReadOnly
             | ExportError::TooLarge { .. }
-            | ExportError::NotSupported(_) => false,
+            | ExportError::NotSupported(_)
+            | ExportError::ShuttingDown => false,
         }
     }
 
@@ -78,13 +91,42 @@ impl ExportError {
         match self {
             ExportError::ReadOutOfRange { .. } => proto::EINVAL,
             ExportError::WriteOutOfRange { .. } => proto::ENOSPC,
+            ExportError::TrimOutOfRange { .. } => proto::EINVAL,
             ExportError::ReadOnly => proto::EPERM,
             ExportError::TooLarge { .. } => proto::EINVAL,
             ExportError::NotSupported(_) => proto::ENOTSUP,
             ExportError::NoSpace(_) => proto::ENOSPC,
             ExportError::Io(_) => proto::EIO,
             ExportError::Cipher(_) => proto::EIO,
+            ExportError::ShuttingDown => proto::ESHUTDOWN,
             ExportError::FlushFailedEarlier => proto::EIO,
+        }
+    }
+
+    /// Whose fault the failure is, for logging: a client's bad request is logged at debug, the
+    /// server's failures also at warn (rate-limited). Exhaustive, like [`ExportError::errno`].
+    pub fn fault(&self) -> Fault {
+        match self {
+            ExportError::ReadOutOfRange { .. }
+            | ExportError::WriteOutOfRange { .. }
+            | ExportError::TrimOutOfRange { .. }
+            | ExportError::ReadOnly
+            | ExportError::TooLarge { .. }
+            | ExportError::NotSupported(_) => Fault::Client,
+            ExportError::NoSpace(_)
+            | ExportError::Io(_)
+            | ExportError::Cipher(_)
+            | ExportError::ShuttingDown
+            | ExportError::FlushFailedEarlier => Fault::Server,
+        }
+    }
+}
+
+impl From<GateError> for ExportError {
+    fn from(e: GateError) -> Self {
+        match e {
+            GateError::Closed => ExportError::ShuttingDown,
+            GateError::Cipher(c) => ExportError::Cipher(c),
         }
     }
 }
@@ -123,8 +165,9 @@ pub struct Export {
     opts: ExportOptions,
     geometry: Geometry,
     backend: Arc<dyn Backend>,
-    cipher: SectorCipher,
+    cipher: CipherGate,
     locks: RangeLocks,
+    metrics: ExportMetrics,
     /// Requests that failed on the raw volume (see [`ExportError::is_io`]).
     io_errors: AtomicU64,
     /// Flushes of the raw volume: one at a time, shared by the requests waiting for them,
@@ -134,15 +177,61 @@ pub struct Export {
 
 impl Export {
     pub fn new(opts: ExportOptions, geometry: Geometry, backend: Arc<dyn Backend>, cipher: SectorCipher) -> Self {
+        let metrics = ExportMetrics::default();
+        metrics.set_unlocked(Some(std::time::SystemTime::now()));
         Export {
             opts,
             geometry,
             backend,
-            cipher,
+            cipher: CipherGate::new(cipher),
             locks: RangeLocks::default(),
+            metrics,
             io_errors: AtomicU64::new(0),
             flushes: FlushGate::default(),
         }
+    }
+
+    pub fn metrics(&self) -> &ExportMetrics {
+        &self.metrics
+    }
+
+    /// The raw volume (for re-reading the header on resume).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Drops the sector cipher, so no key schedule of this volume is left in memory, then
+    /// flushes. Requests that need the cipher wait until [`Export::resume`]. The cipher goes
+    /// first so that a failing flush cannot leave the key in memory; the flush still covers
+    /// every write acknowledged before the suspend. Returns `Ok(false)` if already suspended.
+    /// Blocking: call it off the async runtime.
+    pub fn suspend(&self) -> Result<bool, ExportError> {
+        let suspended = self.cipher.suspend();
+        if suspended {
+            self.metrics.set_unlocked(None);
+        }
+        self.flush()?;
+        Ok(suspended)
+    }
+
+    /// Gives a suspended export its cipher back (built from a key that was unlocked again and
+    /// checked against this volume) and releases the waiting requests. False if not suspended.
+    pub fn resume(&self, cipher: SectorCipher) -> bool {
+        let resumed = self.cipher.resume(cipher);
+        if resumed {
+            self.metrics.set_unlocked(Some(std::time::SystemTime::now()));
+        }
+        resumed
+    }
+
+    /// At shutdown: requests waiting on a suspended export fail with `ESHUTDOWN` instead of
+    /// holding up the drain.
+    pub fn close(&self) {
+        self.cipher.close();
+    }
+
+    pub fn state(&self) -> GateState {
+        self.cipher.state()
     }
 
     pub fn name(&self) -> &str {
@@ -336,7 +425,10 @@ impl Export {
     /// partial sectors) does nothing, which the spec permits: trimmed data reads back as
     /// unspecified contents.
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
-        let r = self.check_write(offset, len)?;
+        let r = self.check_write(offset, len).map_err(|e| match e {
+            ExportError::WriteOutOfRange { offset, len, size } => ExportError::TrimOutOfRange { offset, len, size },
+            other => other,
+        })?;
         if self.opts.allow_discards && r.len > 0 {
             let ss = self.sector_size();
             if let Some(start) = ss.align_up(r.offset) {
@@ -586,6 +678,7 @@ mod tests {
         assert_eq!(e.write(2048, vec![0; 512], false).unwrap_err().errno(), proto::ENOSPC);
         assert_eq!(e.write_zeroes(u64::MAX, 2, false, false).unwrap_err().errno(), proto::ENOSPC);
         assert_eq!(e.validate_read(u64::MAX, 1).unwrap_err().errno(), proto::EINVAL);
+        assert_eq!(e.trim(2048, 512, false).unwrap_err().errno(), proto::EINVAL);
     }
 
     #[test]
