@@ -42,6 +42,17 @@ SS = args.sector
 rng = random.Random(args.seed)
 fails = []
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the parent asks for stacks on a hang
+WATCHDOG = 30  # seconds without a heartbeat before the stacks are dumped to stderr
+
+
+def heartbeat():
+    faulthandler.dump_traceback_later(WATCHDOG, exit=False)
+
+
+def slow(what, t0):
+    dt = time.monotonic() - t0
+    if dt > 2:
+        print(f"SLOW at {t0 - T0:.0f} s: {what} took {dt:.1f} s", file=sys.stderr, flush=True)
 LAST = [time.monotonic()]
 LATENCY = dict(max=0.0, flush_max=0.0)
 st = dict(requests=0, bytes_written=0, bytes_read=0, read_bytes_checked=0, request_errors=0,
@@ -89,7 +100,9 @@ class Client:
         self.resume_at = 0.0
 
     def open(self, now):
+        t0 = time.monotonic()
         self.h = connect()
+        slow(f"client {self.i} connect", t0)
         self.until = now + rng.uniform(1, 4)
 
     def free_range(self):
@@ -164,9 +177,14 @@ class Client:
 
     def disconnect(self, now):
         if rng.random() < 2 / 3:
+            t0 = time.monotonic()
+            n = len(self.pending)
             while self.pending:
                 self.h.poll(-1)
+            slow(f"client {self.i} draining {n} requests", t0)
+            t0 = time.monotonic()
             self.h.shutdown()
+            slow(f"client {self.i} shutdown", t0)
             st["clean_disconnects"] += 1
         else:
             # Closing with requests in flight: their effect is unknown until rewritten.
@@ -198,11 +216,13 @@ while True:
     if now >= next_sample:
         samples.append(sample())
         next_sample += 1
+        heartbeat()
     if now >= end:
         break
     if now - LAST[0] > 10:
-        print(f"STALL: no completion for {now - LAST[0]:.0f} s; pending per client "
-              f"{[len(c.pending) for c in clients]}", file=sys.stderr, flush=True)
+        print(f"STALL at {now - T0:.0f} s: no completion for {now - LAST[0]:.0f} s; pending per client "
+              f"{[len(c.pending) for c in clients]}, connected {[c.h is not None for c in clients]}",
+              file=sys.stderr, flush=True)
         LAST[0] = now
     for c in clients:
         if c.h is None and now >= c.resume_at:
@@ -229,12 +249,16 @@ while True:
         if fds[fd].h is not None:
             fds[fd].h.aio_notify_write()
 
+heartbeat()
+t_end = time.monotonic()
 for c in clients:
     if c.h is not None:
         while c.pending:
             c.h.poll(-1)
         c.h.shutdown()
         c.h = None
+slow("the final drain", t_end)
+heartbeat()
 # Final check of every known byte, on a fresh connection.
 h = connect()
 verified = unknown = 0
@@ -255,6 +279,7 @@ final = sample()
 while time.monotonic() < deadline and (final["fds"] > base["fds"] or final["tasks"] > base["tasks"]):
     time.sleep(0.5)
     final = sample()
+faulthandler.cancel_dump_traceback_later()
 
 warm_i = max(1, min(len(samples) - 1, max(5, int(len(samples) * 0.15))))
 warm = samples[warm_i]

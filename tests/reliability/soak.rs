@@ -4,17 +4,28 @@
 //! on RSS growth beyond 24 MiB after the warm-up, on file descriptors or threads not back to
 //! their baseline once every client has left, on any request error, and on any byte that
 //! does not read back as last written.
+//!
+//! The volume file lives on a tmpfs: the soak measures the daemon, not the machine's disk
+//! (on a busy shared disk, fdatasync and even page faults of the daemon's own code take
+//! seconds, which only slows the run down).
 
 use std::time::Duration;
 
-use crate::common::Volume;
+use crate::common::{check, nbdcrypt};
 use crate::harness::*;
 
 fn soak(sector: u32) {
     let seconds = knob("NBDCRYPT_SOAK_SECONDS", 60, 600);
-    let vol = Volume::new(66 << 20, sector);
-    let sock = vol.path("nbd.sock");
-    let d = DaemonProc::start(&vol.image, &vol.kek, &sock, &vol.path("d.log"), "info", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Tmpfs::mount(&dir.path().join("mnt"), "96m");
+    let (image, kek) = (fs.0.join("vol.img"), dir.path().join("vol.kek"));
+    check(nbdcrypt(&["genkey", kek.to_str().unwrap()]), "genkey");
+    std::fs::File::create(&image).unwrap().set_len(66 << 20).unwrap();
+    let key = format!("local:{}", kek.display());
+    let ss = sector.to_string();
+    check(nbdcrypt(&["format", image.to_str().unwrap(), "--key", &key, "--sector-size", &ss]), "format");
+    let sock = dir.path().join("nbd.sock");
+    let d = DaemonProc::start(&image, &kek, &sock, &dir.path().join("d.log"), "info", &[]);
     let uri = format!("nbd+unix:///t?socket={}", sock.display());
     let args: Vec<String> = [
         "--uri",
@@ -29,16 +40,23 @@ fn soak(sector: u32) {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let mut peer = Peer::spawn("soak.py", &args, vol.dir.path());
-    let Some(line) = peer.try_recv(Duration::from_secs(seconds + 120)) else {
+    let mut peer = Peer::spawn("soak.py", &args, dir.path());
+    let Some(line) = peer.try_recv(Duration::from_secs(seconds + 300)) else {
         let daemon = thread_stacks(d.pid());
         peer.dump_stacks();
-        panic!("soak.py hung; its stderr:\n{}\ndaemon threads:\n{daemon}", peer.stderr_text());
+        let log = d.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "soak.py hung; its stderr:\n{}\ndaemon threads:\n{daemon}\ndaemon log (last lines, newest first):\n{}",
+            peer.stderr_text(),
+            tail.join("\n")
+        );
     };
     let mut summary: serde_json::Value = serde_json::from_str(line.strip_prefix("SUMMARY ").unwrap()).unwrap();
     let samples = peer.recv(Duration::from_secs(10));
     peer.finish();
     assert!(d.stop().success());
+    drop(fs);
     summary["sector_size"] = sector.into();
     record(&format!("soak-{sector}"), &summary);
     if let Some(dir) = std::env::var_os("NBDCRYPT_RESULTS_DIR") {
