@@ -18,6 +18,9 @@
 //! - [`header`]: the on-disk header (two copies, sequence number, checksum, MAC, key slots).
 //! - [`keys`]: key providers that wrap and unwrap the volume key.
 //! - [`volume`]: opening a volume: read the header, unlock a slot, verify, build an export.
+//! - [`migrate`]: moving data into, within and out of the encryption: `migrate` (copy a
+//!   plaintext source into a new volume), in-place `encrypt`/`reencrypt`/`decrypt` with a tail
+//!   journal, all resumable after a crash (`docs/reencryption.md`).
 //! - [`cli`], [`config`], [`commands`]: the command line, the TOML config, and the commands.
 
 pub mod backend;
@@ -29,6 +32,7 @@ pub mod export;
 pub mod hardening;
 pub mod header;
 pub mod keys;
+pub mod migrate;
 pub mod nbd;
 pub mod server;
 pub mod units;

@@ -41,6 +41,15 @@ impl FileBackend {
     pub fn is_block_device(&self) -> bool {
         self.is_block_device
     }
+
+    /// Takes a non-blocking `flock` on the file (exclusive or shared), held until it is
+    /// closed. False if another open file holds a conflicting lock.
+    pub fn try_lock(&self, exclusive: bool) -> bool {
+        use rustix::fs::{flock, FlockOperation};
+        let op =
+            if exclusive { FlockOperation::NonBlockingLockExclusive } else { FlockOperation::NonBlockingLockShared };
+        flock(&self.file, op).is_ok()
+    }
 }
 
 impl Backend for FileBackend {

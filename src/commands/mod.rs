@@ -11,6 +11,7 @@ use crate::volume::VolumeError;
 
 mod format;
 mod inspect;
+mod migrate;
 mod serve;
 
 pub use format::format_backend;
@@ -25,6 +26,8 @@ pub enum CmdError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
     /// The command would destroy data or a key and was not told `--yes`.
     #[error("refusing: {0}")]
     Refused(String),
@@ -42,6 +45,7 @@ impl CmdError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CmdError::Volume(v) => v.exit_code(),
+            CmdError::Migrate(m) => m.exit_code(),
             CmdError::Header(_) => 4,
             CmdError::Key(KeyError::UnwrapFailed) => 3,
             CmdError::Refused(_) => 5,
@@ -66,6 +70,10 @@ pub async fn run(command: Command) -> Result<(), CmdError> {
         Command::Format(args) => format::format(args).await,
         Command::Serve(args) => serve::serve(args).await,
         Command::Inspect { device, json } => inspect::inspect(&device, json),
+        Command::Migrate(args) => migrate::migrate(args).await,
+        Command::Encrypt(args) => migrate::encrypt(args).await,
+        Command::Reencrypt(args) => migrate::reencrypt(args).await,
+        Command::Decrypt(args) => migrate::decrypt(args).await,
         Command::Benchmark { seconds } => inspect::benchmark(seconds),
     }
 }
