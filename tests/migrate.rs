@@ -291,7 +291,7 @@ fn crash_test(fx: &Fixture, fresh: &dyn Fn(&str) -> PathBuf, op: &[&str], kek_af
         } else {
             check(o, "run that was not killed");
         }
-        check(nbdcrypt_env(&args, &[env_chunk.clone()]), "resume after a fault point");
+        check(nbdcrypt_env(&args, std::slice::from_ref(&env_chunk)), "resume after a fault point");
         let served = read_served(fx.dir.path(), &dev, kek_after);
         assert!(served == plain, "{op:?}: fault point {point}: served bytes differ after resume");
     }
@@ -315,7 +315,7 @@ fn crash_test(fx: &Fixture, fresh: &dyn Fn(&str) -> PathBuf, op: &[&str], kek_af
         std::thread::sleep(Duration::from_millis(30 + x % 250));
         let _ = child.kill();
         let _ = child.wait();
-        check(nbdcrypt_env(&args, &[env_chunk.clone()]), "resume after a random SIGKILL");
+        check(nbdcrypt_env(&args, std::slice::from_ref(&env_chunk)), "resume after a random SIGKILL");
         assert!(read_served(fx.dir.path(), &dev, kek_after) == plain, "{op:?}: random kill: served bytes differ");
     }
 }
