@@ -388,3 +388,13 @@ fn offline_operations_refuse_a_served_volume() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("in use"));
     assert_eq!(d.stop(), 0);
 }
+
+#[test]
+fn deploy_script_parses_and_passes_shellcheck() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    for script in ["deploy/aws-migrate.sh", "benches/migrate.sh"] {
+        let p = format!("{root}/{script}");
+        check(run("bash", &["-n", &p]), "bash -n");
+        check(run("shellcheck", &[&p]), "shellcheck");
+    }
+}

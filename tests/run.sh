@@ -13,7 +13,7 @@ log() { printf '[tests %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 APT_PACKAGES=(
     libnbd-bin nbdfuse python3-libnbd nbdkit fio qemu-utils fuse3 e2fsprogs util-linux
-    python3-cryptography jq openssl gawk coreutils procps
+    python3-cryptography jq openssl gawk coreutils procps shellcheck bc
 )
 PIP_PACKAGES=("moto[server]" cryptography)
 
