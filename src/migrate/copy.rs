@@ -142,6 +142,7 @@ pub fn verify(src: &mut dyn Source, dev: &dyn Backend, h: &Header, key: &VolumeK
     let mut a = vec![0u8; CHUNK];
     let mut b = vec![0u8; CHUNK];
     let mut off = 0u64;
+    progress.update(0);
     while off < h.data_size {
         let n = CHUNK.min((h.data_size - off) as usize);
         let (sa, sb) = (&mut a[..n], &mut b[..n]);
@@ -159,4 +160,87 @@ pub fn verify(src: &mut dyn Source, dev: &dyn Backend, h: &Header, key: &VolumeK
     }
     progress.finish(off);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemBackend;
+    use crate::header::tests::key;
+    use crate::header::DEFAULT_DATA_OFFSET;
+    use crate::units::SectorSize;
+
+    /// An in-memory source that fails every read at or past `fail_at`.
+    struct MemSource {
+        data: Vec<u8>,
+        fail_at: u64,
+    }
+
+    impl Source for MemSource {
+        fn size(&self) -> u64 {
+            self.data.len() as u64
+        }
+        fn read_at(&mut self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            if offset + buf.len() as u64 > self.fail_at {
+                return Err(std::io::Error::other("source went away"));
+            }
+            buf.copy_from_slice(&self.data[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "memory".into()
+        }
+    }
+
+    fn target(src: &mut MemSource) -> (MemBackend, VolumeKey) {
+        let k = key(4);
+        let size = src.size();
+        let dev = MemBackend::new((DEFAULT_DATA_OFFSET + size + 8192) as usize);
+        let mut h = Header::new(uuid::Uuid::from_bytes([5; 16]), SectorSize::S512, DEFAULT_DATA_OFFSET, size, None, &k)
+            .unwrap();
+        let fp = super::super::source::fingerprint(src).unwrap();
+        h.checkpoint = Some(checkpoint(&k, &h, 0, size, &fp));
+        store::write_new(&dev, &mut h).unwrap();
+        (dev, k)
+    }
+
+    fn data_area(dev: &MemBackend) -> Vec<u8> {
+        dev.snapshot()[DEFAULT_DATA_OFFSET as usize..].to_vec()
+    }
+
+    #[test]
+    fn a_resumed_copy_writes_exactly_what_an_uninterrupted_one_does() {
+        let data: Vec<u8> = (0..(11 << 20) + 512).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let mut whole = MemSource { data: data.clone(), fail_at: u64::MAX };
+        let (dev_a, k) = target(&mut whole);
+        let n = whole.size();
+        copy(&mut whole, &dev_a, &k, 0, 1 << 20, &mut Progress::new("t", n)).unwrap();
+
+        let mut flaky = MemSource { data, fail_at: u64::MAX };
+        let (dev_b, _) = target(&mut flaky);
+        flaky.fail_at = 9 << 20;
+        assert!(copy(&mut flaky, &dev_b, &k, 0, 1 << 20, &mut Progress::new("t", n)).is_err());
+        flaky.fail_at = u64::MAX;
+        let h = store::load(&dev_b).unwrap().header;
+        let fp = super::super::source::fingerprint(&mut flaky).unwrap();
+        let from = resume_offset(&k, &h, n, &fp).unwrap();
+        assert!(from > 0 && from < 9 << 20, "checkpoint at {from}");
+        copy(&mut flaky, &dev_b, &k, from, 1 << 20, &mut Progress::new("t", n)).unwrap();
+
+        assert!(data_area(&dev_a) == data_area(&dev_b), "resumed copy differs");
+        let fin = store::load(&dev_b).unwrap().header;
+        assert!(fin.checkpoint.is_none());
+        verify(&mut flaky, &dev_b, &fin, &k).unwrap();
+    }
+
+    #[test]
+    fn a_checkpoint_for_another_source_or_key_is_refused() {
+        let mut src = MemSource { data: vec![7; 1 << 20], fail_at: u64::MAX };
+        let (dev, k) = target(&mut src);
+        let h = store::load(&dev).unwrap().header;
+        let fp = super::super::source::fingerprint(&mut src).unwrap();
+        assert!(resume_offset(&k, &h, 1 << 20, &fp).is_ok());
+        assert!(matches!(resume_offset(&k, &h, 1 << 20, &[0; 32]), Err(MigrateError::Refused(_))));
+        assert!(matches!(resume_offset(&key(9), &h, 1 << 20, &fp), Err(MigrateError::Refused(_))));
+    }
 }
