@@ -47,7 +47,7 @@ b_cs_encrypt() {
     secs cryptsetup reencrypt --encrypt --type luks2 --reduce-device-size 32M "${CS_OPTS[@]}" c.img
 }
 b_reencrypt() { secs "$BIN" reencrypt t.img --key local:k.kek; }
-b_cs_reencrypt() { secs cryptsetup reencrypt "${CS_OPTS[@]}" c.img; }
+b_cs_reencrypt() { secs cryptsetup reencrypt --force-offline-reencrypt "${CS_OPTS[@]}" c.img; }
 
 declare -A T
 names=(migrate nbdcopy encrypt cs_encrypt reencrypt cs_reencrypt)

@@ -275,7 +275,10 @@ fn encrypt_refuses_a_filesystem_that_fills_the_device() {
 
 /// SIGKILLs `args` at `points` deterministic write counts and a few random times, resumes
 /// each, and checks the served bytes equal the original image.
-fn crash_test(fx: &Fixture, fresh: &dyn Fn(&str) -> PathBuf, op: &[&str], kek_after: &Path) {
+/// `writes` is how many device writes an uninterrupted run does (16 MiB in 256 KiB chunks:
+/// encrypt 2 + 64 x 2 + 7, reencrypt 2 + 2 + 64 x 3 + 1 + 6): the fault points are spread
+/// over all of them, the start and the finalisation included.
+fn crash_test(fx: &Fixture, fresh: &dyn Fn(&str) -> PathBuf, op: &[&str], kek_after: &Path, writes: u64) {
     let plain = std::fs::read(&fx.image).unwrap();
     let env_chunk = ("NBDCRYPT_CHUNK_KIB", "256".to_string());
     let n = crash_points();
@@ -283,8 +286,7 @@ fn crash_test(fx: &Fixture, fresh: &dyn Fn(&str) -> PathBuf, op: &[&str], kek_af
     for i in 0..n {
         let dev = fresh("crash.img");
         let args: Vec<&str> = [&op[..1], &[dev.to_str().unwrap()], &op[1..]].concat();
-        // Spread the points over the ~150 writes a run does (chunk 256 KiB, 16 MiB).
-        let point = (i * 149 / n.max(1) + i % 3) % 150;
+        let point = (i * writes / n.max(1) + i % 3) % writes;
         let o = nbdcrypt_env(&args, &[env_chunk.clone(), ("NBDCRYPT_FAULT_KILL_AFTER_WRITES", point.to_string())]);
         if killed(&o) {
             kills += 1;
@@ -324,7 +326,7 @@ fn crash_test(fx: &Fixture, fresh: &dyn Fn(&str) -> PathBuf, op: &[&str], kek_af
 fn encrypt_in_place_survives_kill_9_anywhere() {
     let fx = Fixture::new();
     let key = fx.key();
-    crash_test(&fx, &|name| fx.plain_copy(name, RESERVE), &["encrypt", "--key", &key], &fx.kek);
+    crash_test(&fx, &|name| fx.plain_copy(name, RESERVE), &["encrypt", "--key", &key], &fx.kek, 137);
 }
 
 #[test]
@@ -350,7 +352,7 @@ fn reencrypt_survives_kill_9_anywhere() {
         p
     };
     let (k1, k2) = (fx.key(), fx.key2());
-    crash_test(&fx, &fresh, &["reencrypt", "--key", &k1, "--new-key", &k2], &fx.kek2);
+    crash_test(&fx, &fresh, &["reencrypt", "--key", &k1, "--new-key", &k2], &fx.kek2, 203);
 }
 
 #[test]

@@ -8,8 +8,10 @@
 //! checkpoint only moves forward after an fdatasync of the data it counts, so it never claims
 //! more than is on disk; a resumed run starts at `offset` and, XTS being deterministic, writes
 //! exactly what an uninterrupted run would have. `serve` refuses a volume with a checkpoint.
+//! Copying runs on one worker per core with a separate flusher thread (see [`copy`]).
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex};
 
 use crate::backend::Backend;
 use crate::crypto::{SectorCipher, VolumeKey};
@@ -58,8 +60,20 @@ pub fn resume_offset(key: &VolumeKey, h: &Header, size: u64, fp: &[u8; 32]) -> R
     Ok(c.offset.min(size))
 }
 
-/// Copies `src[from..]` into the target's data area, encrypted, checkpointing every `every`
-/// bytes, then clears the checkpoint. `h` is the target header as loaded.
+/// How often (bytes) the flusher thread is asked to fdatasync, so that dirty data never piles
+/// up and a checkpoint never has much to wait for.
+const FLUSH_STEP: u64 = 64 << 20;
+
+/// Copies `src[from..]` into the target's data area, encrypted, then clears the checkpoint.
+///
+/// Worker threads (one per core, at least two) each take the next 4 MiB chunk, read it (reads
+/// are serialised: an NBD source is one connection), encrypt it and write it at its own
+/// offset. The calling thread tracks the *watermark*, the end of the contiguous prefix of
+/// chunks written, and every [`FLUSH_STEP`] hands it to a flusher thread, which fdatasyncs
+/// and, every `every` bytes, moves the header checkpoint to that watermark. A watermark is
+/// only sent after every write below it completed and is only recorded after a flush that
+/// began after that, so the checkpoint never claims more than is durable; copying goes on
+/// while the flusher waits on the disk.
 pub fn copy(
     src: &mut dyn Source,
     dev: &dyn Backend,
@@ -79,55 +93,134 @@ pub fn copy(
     let mut fp_bytes = [0u8; 32];
     hex::decode_to_slice(&fp, &mut fp_bytes).map_err(|_| MigrateError::Invalid("bad fingerprint".into()))?;
     let cipher = SectorCipher::new(key, ss)?;
-    let mut loaded = loaded;
-    let mut since = 0u64;
     progress.update(from);
-    let (tx, rx) = mpsc::sync_channel::<Result<(u64, Vec<u8>), MigrateError>>(2);
-    let (back_tx, back_rx) = mpsc::channel::<Vec<u8>>();
-    std::thread::scope(|scope| -> Result<(), MigrateError> {
-        scope.spawn(move || {
-            let mut off = from;
-            while off < size {
-                let n = CHUNK.min((size - off) as usize);
-                let mut buf = back_rx.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
-                buf.resize(n, 0);
-                let r = src.read_at(&mut buf, off).map_err(MigrateError::io(format!("reading the source at {off}")));
-                let failed = r.is_err();
-                if tx.send(r.map(|()| (off, buf))).is_err() || failed {
-                    return;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+    let next = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let src = Mutex::new(src);
+    let chunk = CHUNK as u64;
+    let (done_tx, done_rx) = mpsc::channel::<Result<(u64, u64), MigrateError>>();
+    let (flush_tx, flush_rx) = mpsc::channel::<u64>();
+    let result = std::thread::scope(|scope| -> Result<(), MigrateError> {
+        for _ in 0..workers {
+            let done_tx = done_tx.clone();
+            let (next, stop, src, cipher, h) = (&next, &stop, &src, &cipher, &h);
+            scope.spawn(move || {
+                let mut buf = Vec::with_capacity(CHUNK);
+                while !stop.load(Ordering::Relaxed) {
+                    let off = next.fetch_add(1, Ordering::Relaxed).saturating_mul(chunk).saturating_add(from);
+                    if off >= size {
+                        break;
+                    }
+                    let n = chunk.min(size - off);
+                    let r = copy_chunk(src, dev, cipher, h, off, n, &mut buf);
+                    let failed = r.is_err();
+                    if failed {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    if done_tx.send(r.map(|()| (off, n))).is_err() || failed {
+                        break;
+                    }
                 }
-                off += n as u64;
+            });
+        }
+        drop(done_tx);
+        let flusher = {
+            let (h, stop) = (&h, &stop);
+            scope.spawn(move || -> Result<(), MigrateError> {
+                let mut loaded = loaded;
+                let mut recorded = from;
+                while let Ok(mut mark) = flush_rx.recv() {
+                    while let Ok(m) = flush_rx.try_recv() {
+                        mark = m;
+                    }
+                    let r = (|| {
+                        dev.flush().map_err(MigrateError::io("flushing the target"))?;
+                        if mark - recorded >= every && mark < size {
+                            let mut next = h.clone();
+                            next.checkpoint = Some(checkpoint(key, h, mark, size, &fp_bytes));
+                            store::update(dev, &loaded, &mut next)?;
+                            loaded = store::load(dev)?;
+                            recorded = mark;
+                        }
+                        Ok(())
+                    })();
+                    if r.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                        return r;
+                    }
+                }
+                Ok(())
+            })
+        };
+        let mut watermark = from;
+        let mut sent = from;
+        let mut ahead = std::collections::BTreeMap::new();
+        let mut first_err = None;
+        for msg in done_rx {
+            match msg {
+                Ok((off, n)) => {
+                    ahead.insert(off, n);
+                }
+                Err(e) => {
+                    // Keep draining: the other workers finish their chunk, and what they
+                    // wrote still gets checkpointed below.
+                    stop.store(true, Ordering::Relaxed);
+                    first_err.get_or_insert(e);
+                }
             }
-        });
-        for msg in rx {
-            let (off, mut buf) = msg?;
-            let n = buf.len() as u64;
-            let padded = ss.align_up(n).ok_or_else(|| MigrateError::Invalid("size overflow".into()))?;
-            buf.resize(padded as usize, 0);
-            cipher.encrypt(ss.sector_of(off), &mut buf)?;
-            dev.write_at(&buf, h.data_offset + off).map_err(MigrateError::io("writing the target"))?;
-            let _ = back_tx.send(buf);
-            since += n;
-            let done = off + n;
-            if since >= every && done < size {
-                dev.flush().map_err(MigrateError::io("flushing the target"))?;
-                let mut next = h.clone();
-                next.checkpoint = Some(checkpoint(key, &h, done, size, &fp_bytes));
-                store::update(dev, &loaded, &mut next)?;
-                loaded = store::load(dev)?;
-                since = 0;
+            while let Some(n) = ahead.remove(&watermark) {
+                watermark += n;
             }
-            progress.update(done);
+            if watermark - sent >= FLUSH_STEP.min(every) && watermark < size {
+                sent = watermark;
+                let _ = flush_tx.send(watermark);
+            }
+            progress.update(watermark);
             fault::throttle();
         }
-        Ok(())
-    })?;
+        if first_err.is_some() && watermark > sent {
+            let _ = flush_tx.send(watermark);
+        }
+        stop.store(true, Ordering::Relaxed);
+        drop(flush_tx);
+        let flushed =
+            flusher.join().unwrap_or_else(|_| Err(MigrateError::Invalid("the flusher thread panicked".into())));
+        match first_err {
+            Some(e) => Err(e),
+            None => flushed,
+        }
+    });
+    result?;
     dev.flush().map_err(MigrateError::io("flushing the target"))?;
+    let loaded = store::load(dev)?;
     let mut fin = h.clone();
     fin.checkpoint = None;
     store::update(dev, &loaded, &mut fin)?;
     progress.finish(size);
     Ok(())
+}
+
+/// One chunk: read `n` bytes at `off` from the source, pad to the sector size with zeros,
+/// encrypt, write into the data area.
+fn copy_chunk(
+    src: &Mutex<&mut dyn Source>,
+    dev: &dyn Backend,
+    cipher: &SectorCipher,
+    h: &Header,
+    off: u64,
+    n: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), MigrateError> {
+    buf.resize(n as usize, 0);
+    {
+        let mut s = src.lock().map_err(|_| MigrateError::Invalid("a reader thread panicked".into()))?;
+        s.read_at(buf, off).map_err(MigrateError::io(format!("reading the source at {off}")))?;
+    }
+    let padded = h.sector_size.align_up(n).ok_or_else(|| MigrateError::Invalid("size overflow".into()))?;
+    buf.resize(padded as usize, 0);
+    cipher.encrypt(h.sector_size.sector_of(off), buf)?;
+    dev.write_at(buf, h.data_offset + off).map_err(MigrateError::io("writing the target"))
 }
 
 /// Re-reads the source and the target and compares every byte (the target decrypted); the
