@@ -212,8 +212,9 @@ fn migrate_from_an_nbd_source_resumes_after_kill() {
     let target = fx.path("target.img");
     std::fs::File::create(&target).unwrap().set_len(FS + RESERVE).unwrap();
     let args = ["migrate", "--from", &uri, "--to", target.to_str().unwrap(), "--key", &fx.key()];
-    // Checkpoint every MiB; die after 9 writes (several checkpoints in).
-    let env = [("NBDCRYPT_CHECKPOINT_MIB", "1".to_string()), ("NBDCRYPT_FAULT_KILL_AFTER_WRITES", "9".to_string())];
+    // Checkpoint every MiB; die before the 6th write (3 for the header, then data and
+    // checkpoints).
+    let env = [("NBDCRYPT_CHECKPOINT_MIB", "1".to_string()), ("NBDCRYPT_FAULT_KILL_AFTER_WRITES", "5".to_string())];
     let o = nbdcrypt_env(&args, &env);
     assert!(killed(&o), "expected a SIGKILL: {}", String::from_utf8_lossy(&o.stderr));
     // A half-migrated target is not served.

@@ -64,6 +64,7 @@ pub(super) async fn migrate(args: MigrateArgs) -> Result<(), CmdError> {
     if size == 0 {
         return Err(CmdError::Usage(format!("the source {} is empty", args.from)));
     }
+    warn_if_source_in_use(&args.from);
     let fp = source::fingerprint(src.as_mut()).map_err(MigrateError::io("reading the source"))?;
     let _lock = lock_device(&args.to)?;
     let dev = open_rw(&args.to)?;
@@ -169,6 +170,26 @@ pub(super) async fn migrate(args: MigrateArgs) -> Result<(), CmdError> {
         if args.verify { ", verified" } else { "" }
     );
     Ok(())
+}
+
+/// A mounted (or otherwise held) block device as source is allowed, but only consistent if
+/// nothing writes to it: say so.
+fn warn_if_source_in_use(spec: &str) {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let p = Path::new(spec);
+    let is_block = std::fs::metadata(p).map(|m| m.file_type().is_block_device()).unwrap_or(false);
+    if !is_block {
+        return;
+    }
+    let held =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(p).err().and_then(|e| e.raw_os_error());
+    if held == Some(libc::EBUSY) {
+        tracing::warn!(
+            source = spec,
+            "the source is mounted or in use: the copy is only consistent if nothing writes to it \
+             (unmount it, or migrate from a snapshot); a resumed run refuses a source that changed"
+        );
+    }
 }
 
 // ---- in-place: shared ------------------------------------------------------------------------
