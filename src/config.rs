@@ -16,6 +16,10 @@
 //! read_only = false
 //! allow_discards = false
 //! description = "demo volume"
+//! # Clone awareness: the device's cloud volume id (default: from the EBS NVMe serial), and
+//! # whether a header bound to another volume is refused rather than only warned about.
+//! device_id = "vol-0123456789abcdef0"
+//! strict_binding = false
 //! # Create and format the device on first start if (and only if) the file does not exist.
 //! create = { size = "1G", sector_size = 4096 }
 //! ```
@@ -107,6 +111,10 @@ struct RawExport {
     description: String,
     #[serde(default)]
     create: Option<RawCreate>,
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default)]
+    strict_binding: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -139,6 +147,10 @@ pub struct ExportConfig {
     pub allow_discards: bool,
     pub description: String,
     pub create: Option<CreateConfig>,
+    /// The device's cloud volume id, compared with the header's binding (`None`: from sysfs).
+    pub device_id: Option<String>,
+    /// Refuse a header bound to another volume instead of warning.
+    pub strict_binding: bool,
 }
 
 /// Create-on-first-start of a demo volume file.
@@ -204,6 +216,8 @@ impl Config {
                 allow_discards: e.allow_discards,
                 description: e.description,
                 create,
+                device_id: e.device_id,
+                strict_binding: e.strict_binding,
             });
         }
         Ok(Config {

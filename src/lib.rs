@@ -16,7 +16,9 @@
 //!   in-memory fake for tests.
 //! - [`crypto`]: key material types ([`crypto::VolumeKey`]) and AES-256-XTS-plain64.
 //! - [`header`]: the on-disk header (two copies, sequence number, checksum, MAC, key slots).
-//! - [`keys`]: key providers that wrap and unwrap the volume key.
+//! - [`keys`]: key providers that wrap and unwrap the volume key (a local KEK file, AWS KMS),
+//!   and the keyring that finds one for each key slot.
+//! - [`identity`]: which cloud volume a device is (EBS volume id), for the header's binding.
 //! - [`volume`]: opening a volume: read the header, unlock a slot, verify, build an export.
 //! - [`migrate`]: moving data into, within and out of the encryption: `migrate` (copy a
 //!   plaintext source into a new volume), in-place `encrypt`/`reencrypt`/`decrypt` with a tail
@@ -31,6 +33,7 @@ pub mod crypto;
 pub mod export;
 pub mod hardening;
 pub mod header;
+pub mod identity;
 pub mod keys;
 pub mod migrate;
 pub mod nbd;

@@ -42,13 +42,16 @@ impl FileBackend {
         self.is_block_device
     }
 
-    /// Takes a non-blocking `flock` on the file (exclusive or shared), held until it is
-    /// closed. False if another open file holds a conflicting lock.
+    /// Takes a non-blocking whole-file `fcntl` record lock (exclusive or shared), held until
+    /// the process closes the file. False if another process holds a conflicting one. This is
+    /// the "volume in use" lock between `serve` and the offline operations of
+    /// [`crate::migrate`]; it is independent of the `flock` that header-changing commands take,
+    /// so those still work on a served volume.
     pub fn try_lock(&self, exclusive: bool) -> bool {
-        use rustix::fs::{flock, FlockOperation};
+        use rustix::fs::{fcntl_lock, FlockOperation};
         let op =
             if exclusive { FlockOperation::NonBlockingLockExclusive } else { FlockOperation::NonBlockingLockShared };
-        flock(&self.file, op).is_ok()
+        fcntl_lock(&self.file, op).is_ok()
     }
 }
 

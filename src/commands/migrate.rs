@@ -8,10 +8,10 @@ use std::path::Path;
 use super::format::{build_header, looks_used};
 use super::{provider_for, CmdError};
 use crate::backend::{Backend, FileBackend};
-use crate::cli::{DecryptArgs, EncryptArgs, MigrateArgs, ReencryptArgs};
+use crate::cli::{DecryptArgs, EncryptArgs, KmsArgs, MigrateArgs, ReencryptArgs};
 use crate::crypto::VolumeKey;
 use crate::header::{store, Header, HeaderError, KeySlot, DEFAULT_DATA_OFFSET};
-use crate::keys::{self, KeyProvider};
+use crate::keys::{self, KeyProvider, Keyring};
 use crate::migrate::inplace::{self, Keys};
 use crate::migrate::journal::{decode_image, header_image, Journal, Op, Plan, BACKUP_LEN, JOURNAL_LEN};
 use crate::migrate::progress::Progress;
@@ -28,11 +28,19 @@ fn open_rw(path: &Path) -> Result<Box<dyn Backend>, CmdError> {
     })
 }
 
-/// Unwraps `h`'s key with `providers` and checks the key digest and the header MAC.
-async fn unlock(h: &Header, providers: &[Box<dyn KeyProvider>]) -> Result<VolumeKey, CmdError> {
-    let (key, _slot) = volume::unlock(h, providers).await?;
+/// Unwraps `h`'s key with `keys` and checks the key digest and the header MAC.
+async fn unlock(h: &Header, keys: &Keyring) -> Result<VolumeKey, CmdError> {
+    let (key, _slot) = volume::unlock(h, keys).await?;
     h.verify_mac(&key).map_err(volume::VolumeError::Tampered)?;
     Ok(key)
+}
+
+/// The keys that may unlock: the `--key` provider, plus KMS for any `aws-kms` slot (which
+/// names its own key ARN).
+fn ring(provider: Box<dyn KeyProvider>, kms: &KmsArgs) -> Result<Keyring, CmdError> {
+    let mut r = super::keyring(&[], kms)?;
+    r.add(provider);
+    Ok(r)
 }
 
 fn sector(bytes: u32) -> Result<SectorSize, CmdError> {
@@ -57,7 +65,8 @@ fn random_id() -> Result<[u8; 16], CmdError> {
 
 pub(super) async fn migrate(args: MigrateArgs) -> Result<(), CmdError> {
     let ss = sector(args.sector_size)?;
-    let provider = provider_for(&args.key)?;
+    let provider = provider_for(&args.key, &args.kms).await?;
+    let new_provider = provider_for(&args.key, &args.kms).await?;
     let mut src =
         source::open(&args.from).map_err(MigrateError::io(format!("cannot open the source {}", args.from)))?;
     let size = src.size();
@@ -68,7 +77,7 @@ pub(super) async fn migrate(args: MigrateArgs) -> Result<(), CmdError> {
     let fp = source::fingerprint(src.as_mut()).map_err(MigrateError::io("reading the source"))?;
     let _lock = lock_device(&args.to)?;
     let dev = open_rw(&args.to)?;
-    let providers = vec![provider];
+    let keys = ring(provider, &args.kms)?;
     let every = std::env::var("NBDCRYPT_CHECKPOINT_MIB")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -78,7 +87,7 @@ pub(super) async fn migrate(args: MigrateArgs) -> Result<(), CmdError> {
     match store::load(dev.as_ref()) {
         Ok(loaded) => {
             let h = &loaded.header;
-            let key = unlock(h, &providers).await;
+            let key = unlock(h, &keys).await;
             match (&h.checkpoint, key) {
                 (Some(c), Ok(key)) if c.kind == copy::KIND => match copy::resume_offset(&key, h, size, &fp) {
                     Ok(off) => resume = Some((key, off)),
@@ -147,7 +156,7 @@ pub(super) async fn migrate(args: MigrateArgs) -> Result<(), CmdError> {
                 );
             }
             let (mut h, key) =
-                build_header(providers[0].as_ref(), ss, Vec::new(), DEFAULT_DATA_OFFSET, data_size).await?;
+                build_header(new_provider.as_ref(), ss, Vec::new(), None, DEFAULT_DATA_OFFSET, data_size).await?;
             h.checkpoint = Some(copy::checkpoint(&key, &h, 0, size, &fp));
             store::write_new(dev.as_ref(), &mut h)?;
             tracing::info!(uuid = %h.uuid, data_size, "formatted the target");
@@ -195,12 +204,7 @@ fn warn_if_source_in_use(spec: &str) {
 // ---- in-place: shared ------------------------------------------------------------------------
 
 /// Resumes the unfinished operation recorded in the journal, if any. `Ok(None)`: no journal.
-async fn resume_journal(
-    dev: &dyn Backend,
-    want: Op,
-    old: &[Box<dyn KeyProvider>],
-    new: &[Box<dyn KeyProvider>],
-) -> Result<Option<()>, CmdError> {
+async fn resume_journal(dev: &dyn Backend, want: Op, old: &Keyring, new: &Keyring) -> Result<Option<()>, CmdError> {
     let Some(journal) = Journal::of(dev) else { return Ok(None) };
     let Some(plan) = journal.read_plan(dev)? else { return Ok(None) };
     if plan.op != want {
@@ -277,16 +281,17 @@ fn filesystem_size(dev: &dyn Backend) -> Result<Option<(String, u64)>, CmdError>
 
 pub(super) async fn encrypt(args: EncryptArgs) -> Result<(), CmdError> {
     let ss = sector(args.sector_size)?;
-    let providers = vec![provider_for(&args.key)?];
+    let provider = provider_for(&args.key, &args.kms).await?;
+    let keys = ring(provider_for(&args.key, &args.kms).await?, &args.kms)?;
     let _lock = lock_device(&args.device)?;
     let dev = open_rw(&args.device)?;
-    if resume_journal(dev.as_ref(), Op::Encrypt, &[], &providers).await?.is_some() {
+    if resume_journal(dev.as_ref(), Op::Encrypt, &keys, &keys).await?.is_some() {
         println!("encrypted {} (resumed and completed)", args.device.display());
         return Ok(());
     }
     match store::load(dev.as_ref()) {
         Ok(loaded) => {
-            if loaded.header.checkpoint.is_none() && unlock(&loaded.header, &providers).await.is_ok() {
+            if loaded.header.checkpoint.is_none() && unlock(&loaded.header, &keys).await.is_ok() {
                 println!(
                     "{} is already an encrypted nbdcrypt volume (uuid {}): nothing to do",
                     args.device.display(),
@@ -340,7 +345,7 @@ pub(super) async fn encrypt(args: EncryptArgs) -> Result<(), CmdError> {
         }
         None => {}
     }
-    let (h, key) = build_header(providers[0].as_ref(), ss, Vec::new(), DEFAULT_DATA_OFFSET, data_len).await?;
+    let (h, key) = build_header(provider.as_ref(), ss, Vec::new(), None, DEFAULT_DATA_OFFSET, data_len).await?;
     let plan = Plan {
         op: Op::Encrypt,
         id: random_id()?,
@@ -363,14 +368,10 @@ pub(super) async fn encrypt(args: EncryptArgs) -> Result<(), CmdError> {
 }
 
 /// Loads the header for decrypt/reencrypt and checks the room for the journal.
-async fn load_for_inplace(
-    dev: &dyn Backend,
-    providers: &[Box<dyn KeyProvider>],
-    what: &str,
-) -> Result<(Header, VolumeKey), CmdError> {
+async fn load_for_inplace(dev: &dyn Backend, keys: &Keyring, what: &str) -> Result<(Header, VolumeKey), CmdError> {
     let loaded = store::load(dev)?;
     let h = loaded.header;
-    let key = unlock(&h, providers).await?;
+    let key = unlock(&h, keys).await?;
     if let Some(c) = &h.checkpoint {
         if c.kind == copy::KIND {
             return Err(
@@ -399,14 +400,22 @@ async fn load_for_inplace(
 // ---- decrypt ---------------------------------------------------------------------------------
 
 pub(super) async fn decrypt(args: DecryptArgs) -> Result<(), CmdError> {
-    let providers = vec![provider_for(&args.key)?];
+    let keys = ring(provider_for(&args.key, &args.kms).await?, &args.kms)?;
     let _lock = lock_device(&args.device)?;
     let dev = open_rw(&args.device)?;
-    if resume_journal(dev.as_ref(), Op::Decrypt, &providers, &[]).await?.is_some() {
+    if resume_journal(dev.as_ref(), Op::Decrypt, &keys, &keys).await?.is_some() {
         println!("decrypted {} (resumed and completed)", args.device.display());
         return Ok(());
     }
-    let (h, key) = load_for_inplace(dev.as_ref(), &providers, "decrypt").await?;
+    if matches!(store::load(dev.as_ref()), Err(HeaderError::NotFound)) {
+        return Err(MigrateError::Refused(format!(
+            "{} has no nbdcrypt header and no unfinished decrypt: it is not encrypted (or a decrypt already \
+             finished)",
+            args.device.display()
+        ))
+        .into());
+    }
+    let (h, key) = load_for_inplace(dev.as_ref(), &keys, "decrypt").await?;
     let plan = Plan {
         op: Op::Decrypt,
         id: random_id()?,
@@ -427,13 +436,23 @@ pub(super) async fn decrypt(args: DecryptArgs) -> Result<(), CmdError> {
 // ---- reencrypt -------------------------------------------------------------------------------
 
 pub(super) async fn reencrypt(args: ReencryptArgs) -> Result<(), CmdError> {
-    let old = vec![provider_for(&args.key)?];
-    let new = vec![provider_for(args.new_key.as_ref().unwrap_or(&args.key))?];
+    let old = ring(provider_for(&args.key, &args.kms).await?, &args.kms)?;
+    let new_spec = args.new_key.as_ref().unwrap_or(&args.key);
+    let new_provider = provider_for(new_spec, &args.kms).await?;
+    let new = ring(provider_for(new_spec, &args.kms).await?, &args.kms)?;
     let _lock = lock_device(&args.device)?;
     let dev = open_rw(&args.device)?;
     if resume_journal(dev.as_ref(), Op::Reencrypt, &old, &new).await?.is_some() {
         println!("re-encrypted {} (resumed and completed)", args.device.display());
         return Ok(());
+    }
+    // A run that finished but was stopped while wiping its journal: the header is the new one.
+    if let Ok(loaded) = store::load(dev.as_ref()) {
+        let h = &loaded.header;
+        if h.checkpoint.is_none() && unlock(h, &old).await.is_err() && unlock(h, &new).await.is_ok() {
+            println!("{} is already re-encrypted under the new key: nothing to do", args.device.display());
+            return Ok(());
+        }
     }
     let (h, old_key) = load_for_inplace(dev.as_ref(), &old, "reencrypt").await?;
     let dropped: Vec<String> =
@@ -446,7 +465,7 @@ pub(super) async fn reencrypt(args: ReencryptArgs) -> Result<(), CmdError> {
         ctx.insert(k, v);
     }
     ctx.insert(keys::CONTEXT_VOLUME.into(), h.uuid.to_string());
-    let p = new[0].as_ref();
+    let p = new_provider.as_ref();
     let (new_key, wrapped) = p.generate(&ctx).await?;
     let mut nh = Header::new(h.uuid, h.sector_size, h.data_offset, h.data_size, h.binding.clone(), &new_key)?;
     nh.slots.push(KeySlot {

@@ -100,9 +100,13 @@ pub fn checkpoint_verifies(key: &VolumeKey, h: &Header, c: &Checkpoint) -> bool 
 }
 
 /// Takes the device for exclusive use: `O_EXCL` on a block device (fails if it is mounted or
-/// held, e.g. by a device-mapper target) and a non-blocking exclusive `flock`, which
-/// `nbdcrypt serve` also takes, so an offline operation refuses a served volume and `serve`
-/// refuses a volume in the middle of one. Keep the returned file open for the duration.
+/// held, e.g. by a device-mapper target); a non-blocking exclusive `fcntl` record lock, which
+/// `serve` takes too (shared or exclusive), so an offline operation refuses a served volume
+/// and `serve` refuses a volume in the middle of one; and the exclusive `flock` that the
+/// header-changing commands (`keyslot`, `rewrap`, `header restore`) take, so none of them
+/// runs meanwhile. Keep the returned file open for the duration (and do not open and close
+/// the device elsewhere in the process: closing any descriptor of a file drops its `fcntl`
+/// locks).
 pub fn lock_device(path: &Path) -> Result<File, MigrateError> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     let is_block = std::fs::metadata(path)
@@ -110,7 +114,7 @@ pub fn lock_device(path: &Path) -> Result<File, MigrateError> {
         .file_type()
         .is_block_device();
     let mut o = std::fs::OpenOptions::new();
-    o.read(true);
+    o.read(true).write(true);
     if is_block {
         o.custom_flags(libc::O_EXCL);
     }
@@ -121,12 +125,11 @@ pub fn lock_device(path: &Path) -> Result<File, MigrateError> {
             MigrateError::Io { what: format!("cannot open {}", path.display()), source: e }
         }
     })?;
-    use rustix::fs::{flock, FlockOperation};
-    flock(&f, FlockOperation::NonBlockingLockExclusive).map_err(|_| {
-        MigrateError::Refused(format!(
-            "{} is in use by another nbdcrypt process (served, or another operation is running)",
-            path.display()
-        ))
-    })?;
+    use rustix::fs::{fcntl_lock, flock, FlockOperation};
+    let busy = |what: &str| {
+        MigrateError::Refused(format!("{} is in use by another nbdcrypt process ({what})", path.display()))
+    };
+    fcntl_lock(&f, FlockOperation::NonBlockingLockExclusive).map_err(|_| busy("served, or another operation"))?;
+    flock(&f, FlockOperation::NonBlockingLockExclusive).map_err(|_| busy("a command changing its header"))?;
     Ok(f)
 }
