@@ -114,12 +114,12 @@ fn read_served(dir: &Path, image: &Path, kek: &Path) -> Vec<u8> {
     let listen = format!("127.0.0.1:{port}");
     let args =
         ["serve", image.to_str().unwrap(), "--export", "t", "--listen", &listen, "--kek-file", kek.to_str().unwrap()];
-    // A loaded machine can delay startup past the harness's 20 s; a real failure fails thrice.
+    // A loaded machine can delay startup past the harness's 20 s; a real failure fails 5 times.
     let mut tries = 0;
     let d = loop {
         match Daemon::spawn(&args, dir, format!("nbd://127.0.0.1:{port}/t"), port) {
             Ok(d) => break d,
-            Err(l) if tries < 2 && l.starts_with("timeout") => tries += 1,
+            Err(l) if tries < 4 && l.starts_with("timeout") => tries += 1,
             Err(l) => panic!("serve: {l}"),
         }
     };

@@ -183,9 +183,7 @@ impl Plan {
             return None;
         }
         let whole = bytes.get(..total)?;
-        let mut copy = whole.to_vec();
-        copy[80..112].fill(0);
-        if !mac_eq(&static_sum(&copy), &b[80..112]) {
+        if !mac_eq(&static_sum(whole), &b[80..112]) {
             return None;
         }
         let mut id = [0u8; 16];
@@ -210,6 +208,7 @@ impl Plan {
     }
 }
 
+/// SHA-256 of a descriptor with its checksum field (bytes 80..112) taken as zero.
 fn static_sum(b: &[u8]) -> [u8; 32] {
     let mut copy = b.to_vec();
     copy[80..112].fill(0);
