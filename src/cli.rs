@@ -11,20 +11,23 @@ use crate::keys::KeySpec;
 #[command(name = "nbdcrypt", version, about = "Encrypted block devices over NBD, keys wrapped by a KMS or a local KEK")]
 #[command(
     after_help = "Exit codes: 0 success, 1 error, 2 usage, 3 volume cannot be unlocked (no slot opens, wrong key), \
-4 header missing, corrupt or tampered, 5 refused to destroy data (use --yes)"
+4 header missing, corrupt or tampered, 5 refused to destroy data (use --yes), 6 cannot reach the daemon's control socket\n\n\
+Signals (serve): SIGTERM/SIGINT drain and exit 0; SIGHUP re-reads the config file (log level, metrics endpoint)."
 )]
 pub struct Cli {
-    /// Log filter (error, warn, info, debug, trace, or a tracing filter); RUST_LOG overrides.
-    #[arg(long, global = true, default_value = "info", env = "NBDCRYPT_LOG")]
-    pub log_level: String,
-    /// Log output format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
-    pub log_format: LogFormat,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter) [default: the config
+    /// file's [log] level, else info]. RUST_LOG overrides it.
+    #[arg(long, global = true, env = "NBDCRYPT_LOG")]
+    pub log_level: Option<String>,
+    /// Log output format [default: the config file's [log] format, else auto].
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable on a terminal, JSON lines otherwise.
     Auto,
@@ -93,6 +96,80 @@ pub enum Command {
         #[arg(long, default_value_t = 1.0)]
         seconds: f64,
     },
+    /// Show a running daemon's exports, their state (active/suspended), clients and counters.
+    #[command(
+        after_help = "Examples:\n  nbdcrypt status --config /etc/nbdcrypt/vol1.toml\n  nbdcrypt status --control-socket /run/nbdcrypt/vol1.ctl --json"
+    )]
+    Status {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Flush, then wipe the volume key of a running export from memory; its I/O waits until
+    /// `resume` (like `cryptsetup luksSuspend`).
+    #[command(
+        after_help = "Examples:\n  nbdcrypt suspend --config /etc/nbdcrypt/vol1.toml\n  nbdcrypt suspend --control-socket /run/nbdcrypt/vol1.ctl --export vol1"
+    )]
+    Suspend {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// The export to suspend [default: every export of the daemon].
+        #[arg(long)]
+        export: Option<String>,
+    },
+    /// Unlock a suspended export again through a key slot and release its waiting I/O.
+    #[command(
+        after_help = "The daemon re-reads the header and unwraps a key slot with its configured key providers, or\n\
+with the KEK file named here (read by the daemon; no key material crosses the control socket).\n\n\
+Examples:\n  nbdcrypt resume --config /etc/nbdcrypt/vol1.toml\n  nbdcrypt resume --control-socket /run/nbdcrypt/vol1.ctl --export vol1 --kek-file /root/vol1.kek"
+    )]
+    Resume {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// The export to resume [default: every suspended export].
+        #[arg(long)]
+        export: Option<String>,
+        /// A local KEK file for the daemon to unlock with, instead of its configured providers.
+        #[arg(long)]
+        kek_file: Option<PathBuf>,
+    },
+    /// Parse and validate a config file, check that the files it names exist and can be read,
+    /// and print the resolved configuration. Exit 0 if valid, 1 if not.
+    #[command(name = "check-config", after_help = "Example:\n  nbdcrypt check-config /etc/nbdcrypt/vol1.toml")]
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  nbdcrypt completions bash > /etc/bash_completion.d/nbdcrypt\n  nbdcrypt completions zsh > \"${fpath[1]}/_nbdcrypt\"\n  nbdcrypt completions fish > ~/.config/fish/completions/nbdcrypt.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a folder.
+    #[command(
+        after_help = "Examples:\n  nbdcrypt manpage | man -l -\n  nbdcrypt manpage --dir /usr/local/share/man/man1"
+    )]
+    Manpage {
+        /// Write nbdcrypt.1 and nbdcrypt-COMMAND.1 into this folder instead of printing nbdcrypt.1.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+/// How a client command finds the daemon's control socket.
+#[derive(Debug, Args)]
+pub struct ControlTarget {
+    /// The daemon's control socket.
+    #[arg(long, conflicts_with = "config")]
+    pub control_socket: Option<PathBuf>,
+    /// The daemon's config file: its server.control_socket (or that setting's default).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -277,6 +354,19 @@ pub struct ServeArgs {
     pub strict_binding: bool,
     #[command(flatten)]
     pub kms: KmsArgs,
+    /// Serve Prometheus metrics over HTTP on this IP:PORT (e.g. 127.0.0.1:9810) [default: off,
+    /// or the config file's server.metrics_listen].
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The control socket for status/suspend/resume ("" turns it off) [default:
+    /// /run/nbdcrypt/NAME.ctl, NAME being the config file's stem or the export name].
+    #[arg(long, value_parser = path_or_empty)]
+    pub control_socket: Option<PathBuf>,
+}
+
+/// A path, where an empty string is allowed (it means "off").
+fn path_or_empty(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
 }
 
 #[derive(Debug, Args)]

@@ -1,13 +1,21 @@
 //! The TOML configuration: raw structs (`deny_unknown_fields`, explicit defaults) converted
 //! into a validated [`Config`]. Relative paths are resolved against the config file's folder.
 //!
+//! Every key, with its default (`config/nbdcrypt.toml` documents each one):
+//!
 //! ```toml
 //! [server]
-//! listen = ["127.0.0.1:10809"]     # TCP listeners
-//! socket = "/run/nbdcrypt/vol.sock" # optional Unix socket
-//! socket_mode = "0660"
+//! listen = ["127.0.0.1:10809"]     # TCP listeners; [] for none
+//! socket = "/run/nbdcrypt/vol.sock" # optional Unix socket (default: none)
+//! socket_mode = "0600"
 //! max_connections = 64
 //! handshake_timeout_secs = 10
+//! metrics_listen = "127.0.0.1:9810" # Prometheus endpoint (default: off)
+//! control_socket = "/run/nbdcrypt/vol.ctl" # default /run/nbdcrypt/<config name>.ctl; "" = off
+//!
+//! [log]
+//! level = "info"                    # tracing filter; reloaded on SIGHUP
+//! format = "auto"                   # auto | human | json
 //!
 //! [[export]]
 //! name = "demo"
@@ -24,10 +32,12 @@
 //! create = { size = "1G", sector_size = 4096 }
 //! ```
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::cli::LogFormat;
 use crate::server::ListenAddr;
 use crate::units::SectorSize;
 
@@ -52,6 +62,19 @@ struct RawConfig {
     server: RawServer,
     #[serde(default, rename = "export")]
     exports: Vec<RawExport>,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    /// Default: `info` (see [`crate::logging`] for what overrides it).
+    #[serde(default)]
+    level: Option<String>,
+    /// Default: `auto`.
+    #[serde(default)]
+    format: Option<LogFormat>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,6 +90,12 @@ struct RawServer {
     max_connections: usize,
     #[serde(default = "default_handshake_timeout")]
     handshake_timeout_secs: u64,
+    /// Default: off.
+    #[serde(default)]
+    metrics_listen: Option<String>,
+    /// Default: `/run/nbdcrypt/<config file stem>.ctl`; an empty string turns it off.
+    #[serde(default)]
+    control_socket: Option<PathBuf>,
 }
 
 impl Default for RawServer {
@@ -77,6 +106,8 @@ impl Default for RawServer {
             socket_mode: default_socket_mode(),
             max_connections: default_max_connections(),
             handshake_timeout_secs: default_handshake_timeout(),
+            metrics_listen: None,
+            control_socket: None,
         }
     }
 }
@@ -130,15 +161,42 @@ fn default_sector() -> u32 {
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listeners: Vec<ListenAddr>,
     pub max_connections: usize,
     pub handshake_timeout_secs: u64,
     pub exports: Vec<ExportConfig>,
+    /// The Prometheus endpoint, if any (reloadable).
+    pub metrics_listen: Option<SocketAddr>,
+    pub control_socket: ControlSocket,
+    /// `[log] level` (reloadable); `None`: the default.
+    pub log_level: Option<String>,
+    /// `[log] format` (needs a restart).
+    pub log_format: Option<LogFormat>,
 }
 
-#[derive(Debug, Clone)]
+/// Where the control socket is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlSocket {
+    /// The default path: failing to bind it is a warning, not an error (a non-root demo run
+    /// cannot write to /run).
+    Default(PathBuf),
+    /// A path set explicitly: failing to bind it is an error.
+    Path(PathBuf),
+    Off,
+}
+
+impl ControlSocket {
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ControlSocket::Default(p) | ControlSocket::Path(p) => Some(p),
+            ControlSocket::Off => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportConfig {
     pub name: String,
     pub device: PathBuf,
@@ -154,7 +212,7 @@ pub struct ExportConfig {
 }
 
 /// Create-on-first-start of a demo volume file.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CreateConfig {
     pub size: u64,
     pub sector_size: SectorSize,
@@ -172,6 +230,9 @@ impl Config {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?;
         let base = path.parent().unwrap_or(Path::new("."));
+        // Absolute, so the resolved paths mean the same from any working directory.
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
+        let base = base.as_path();
         let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
         let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
 
@@ -220,12 +281,71 @@ impl Config {
                 strict_binding: e.strict_binding,
             });
         }
+        let metrics_listen = match raw.server.metrics_listen.as_deref() {
+            None | Some("") => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|_| {
+                invalid(format!("server.metrics_listen {a:?} is not an IP:PORT address (e.g. 127.0.0.1:9810)"))
+            })?),
+        };
+        let control_socket = match &raw.server.control_socket {
+            None => ControlSocket::Default(crate::control::default_path(Some(path), "")),
+            Some(p) if p.as_os_str().is_empty() => ControlSocket::Off,
+            Some(p) => ControlSocket::Path(resolve(p)),
+        };
+        if let Some(level) = &raw.log.level {
+            crate::logging::validate_level(level).map_err(|e| invalid(format!("log.level {level:?}: {e}")))?;
+        }
         Ok(Config {
             listeners,
             max_connections: raw.server.max_connections.max(1),
             handshake_timeout_secs: raw.server.handshake_timeout_secs.max(1),
             exports,
+            metrics_listen,
+            control_socket,
+            log_level: raw.log.level,
+            log_format: raw.log.format,
         })
+    }
+
+    /// The `[log]` table only, read leniently before logging starts (the full, strict parse
+    /// comes later and reports any error).
+    pub fn peek_log(path: &Path) -> (Option<String>, Option<LogFormat>) {
+        let Ok(text) = std::fs::read_to_string(path) else { return (None, None) };
+        let Ok(table) = text.parse::<toml::Table>() else { return (None, None) };
+        let Some(log) = table.get("log").and_then(|l| l.as_table()) else { return (None, None) };
+        let level = log.get("level").and_then(|v| v.as_str()).map(str::to_owned);
+        let format = log.get("format").and_then(|v| v.as_str()).and_then(|f| match f {
+            "auto" => Some(LogFormat::Auto),
+            "human" => Some(LogFormat::Human),
+            "json" => Some(LogFormat::Json),
+            _ => None,
+        });
+        (level, format)
+    }
+
+    /// What changed from `self` to `new` and cannot be applied without a restart (the names of
+    /// the settings). Reloadable settings (log level, metrics endpoint) are not listed.
+    pub fn needs_restart(&self, new: &Config) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.listeners != new.listeners {
+            v.push("server.listen / server.socket / server.socket_mode");
+        }
+        if self.max_connections != new.max_connections {
+            v.push("server.max_connections");
+        }
+        if self.handshake_timeout_secs != new.handshake_timeout_secs {
+            v.push("server.handshake_timeout_secs");
+        }
+        if self.control_socket != new.control_socket {
+            v.push("server.control_socket");
+        }
+        if self.log_format != new.log_format {
+            v.push("log.format");
+        }
+        if self.exports != new.exports {
+            v.push("[[export]]");
+        }
+        v
     }
 }
 
@@ -259,6 +379,44 @@ mod tests {
             Config::parse("[[export]]\nname = \"a\"\ndevice = \"d.img\"\n", Path::new("/etc/nbdcrypt/a.toml")).unwrap();
         assert_eq!(c.exports[0].device, PathBuf::from("/etc/nbdcrypt/d.img"));
         assert!(matches!(&c.listeners[0], ListenAddr::Tcp(a) if a == DEFAULT_LISTEN));
+    }
+
+    #[test]
+    fn ops_settings_default_to_off_and_a_socket_named_after_the_config() {
+        let c =
+            Config::parse("[[export]]\nname = \"a\"\ndevice = \"d\"\n", Path::new("/etc/nbdcrypt/vol1.toml")).unwrap();
+        assert_eq!(c.metrics_listen, None);
+        assert_eq!(c.control_socket, ControlSocket::Default(PathBuf::from("/run/nbdcrypt/vol1.ctl")));
+        assert_eq!(c.log_level, None);
+    }
+
+    #[test]
+    fn ops_settings_parse() {
+        let text = "[server]\nmetrics_listen = \"127.0.0.1:9810\"\ncontrol_socket = \"c.ctl\"\n\
+                    [log]\nlevel = \"debug\"\nformat = \"json\"\n[[export]]\nname = \"a\"\ndevice = \"d\"\n";
+        let c = Config::parse(text, Path::new("/etc/x.toml")).unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9810".parse().unwrap()));
+        assert_eq!(c.control_socket, ControlSocket::Path(PathBuf::from("/etc/c.ctl")));
+        assert_eq!(c.log_level.as_deref(), Some("debug"));
+        assert_eq!(c.log_format, Some(LogFormat::Json));
+    }
+
+    #[test]
+    fn a_bad_metrics_address_is_refused() {
+        let text = "[server]\nmetrics_listen = \"localhost\"\n[[export]]\nname = \"a\"\ndevice = \"d\"\n";
+        let err = Config::parse(text, Path::new("/x.toml")).unwrap_err().to_string();
+        assert!(err.contains("metrics_listen"), "{err}");
+    }
+
+    #[test]
+    fn a_listener_change_needs_a_restart_but_the_log_level_does_not() {
+        let a = Config::parse("[[export]]\nname = \"a\"\ndevice = \"d\"\n", Path::new("/x.toml")).unwrap();
+        let mut b = a.clone();
+        b.log_level = Some("debug".into());
+        b.metrics_listen = Some("127.0.0.1:1".parse().unwrap());
+        assert!(a.needs_restart(&b).is_empty());
+        b.max_connections = 3;
+        assert_eq!(a.needs_restart(&b), vec!["server.max_connections"]);
     }
 
     #[test]

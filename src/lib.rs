@@ -24,19 +24,32 @@
 //!   plaintext source into a new volume), in-place `encrypt`/`reencrypt`/`decrypt` with a tail
 //!   journal, all resumable after a crash (`docs/reencryption.md`).
 //! - [`cli`], [`config`], [`commands`]: the command line, the TOML config, and the commands.
+//!
+//! Operations, beside the data path:
+//!
+//! - [`metrics`]: per-export atomic counters and the KMS hook, encoded as Prometheus text;
+//!   [`metrics_http`] serves them.
+//! - [`control`]: the control socket protocol behind `status`, `suspend` and `resume` (the
+//!   suspend gate itself is [`crypto::CipherGate`], inside the export).
+//! - [`logging`]: tracing setup with a reloadable level; [`notify`]: systemd's `sd_notify`.
 
 pub mod backend;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod export;
 pub mod hardening;
 pub mod header;
 pub mod identity;
 pub mod keys;
+pub mod logging;
+pub mod metrics;
+pub mod metrics_http;
 pub mod migrate;
 pub mod nbd;
+pub mod notify;
 pub mod server;
 pub mod units;
 pub mod volume;

@@ -18,7 +18,7 @@ use crate::nbd::handshake::{self, Catalog};
 use crate::nbd::transmission::{self, Limits};
 
 /// Where to listen.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
     Tcp(String),
     Unix { path: PathBuf, mode: u32 },
@@ -159,7 +159,12 @@ enum Stream {
 async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
     match l {
         Listener::Tcp(t) => t.accept().await.map(|(s, a)| (Stream::Tcp(s), a.to_string())),
-        Listener::Unix(u, p) => u.accept().await.map(|(s, _)| (Stream::Unix(s), format!("unix:{}", p.display()))),
+        Listener::Unix(u, p) => u.accept().await.map(|(s, _)| {
+            // The peer's pid tells connections on one socket apart (nbd-client -C N).
+            let pid = s.peer_cred().ok().and_then(|c| c.pid()).map(|p| format!(" pid {p}")).unwrap_or_default();
+            let peer = format!("unix:{}{pid}", p.display());
+            (Stream::Unix(s), peer)
+        }),
     }
 }
 
@@ -181,12 +186,15 @@ where
             Ok(Ok(Some(n))) => n,
         };
     let export = neg.export.name().to_owned();
+    let exp = neg.export.clone();
+    let client = exp.metrics().connection_opened(&peer);
     tracing::info!(%peer, %export, structured = neg.structured_replies, "client connected");
     let (r, w) = tokio::io::split(stream);
     match transmission::serve(r, w, neg, ctx.opts.limits, ctx.shutdown.clone()).await {
         Ok(()) => tracing::info!(%peer, %export, "client disconnected"),
         Err(e) => tracing::info!(%peer, %export, error = %error_chain(&e), "connection closed"),
     }
+    exp.metrics().connection_closed(client);
 }
 
 /// "outer: cause: cause" for log lines.

@@ -2,6 +2,9 @@
 # The whole test suite, from a fresh Debian/Ubuntu machine with a Rust toolchain:
 # installs what the tests need (apt + pip), then runs formatting and lint checks, the unit
 # and integration tests (real NBD clients against the real daemon), and the bounded fuzz runs.
+# The short reliability suite (tests/reliability.rs: 20 crash rounds per mode, fault
+# injection, key hygiene, a 1-minute soak; ~2 minutes) is part of `cargo test`; the long one
+# is tests/long.sh.
 #
 #   sudo tests/run.sh            (as root: apt, losetup, mount and FUSE need it)
 #
@@ -13,7 +16,8 @@ log() { printf '[tests %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 APT_PACKAGES=(
     libnbd-bin nbdfuse python3-libnbd nbdkit fio qemu-utils fuse3 e2fsprogs util-linux
-    python3-cryptography jq openssl gawk coreutils procps shellcheck bc
+    python3-cryptography jq openssl gawk coreutils procps mount
+    systemd strace nbd-client python3-prometheus-client python3-seccomp shellcheck bc
 )
 PIP_PACKAGES=("moto[server]" boto3 cryptography)
 

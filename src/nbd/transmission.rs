@@ -10,6 +10,7 @@
 //! on; a protocol violation (bad magic, a payload larger than advertised) ends the connection.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -107,6 +108,7 @@ where
             Command::Write | Command::Read => req.len,
             _ => 0,
         };
+        let started = Instant::now();
         if payload_len > MAX_REQUEST {
             if req.command == Command::Write {
                 // The payload cannot be skipped safely without reading it all.
@@ -117,6 +119,8 @@ where
                 offset: req.offset,
                 body: Body::Err(ExportError::TooLarge { len: u64::from(req.len), max: MAX_REQUEST }),
             };
+            export.metrics().request_started();
+            account(&export, &req, &r.body, started);
             if tx.send(r).await.is_err() {
                 break Ok(());
             }
@@ -131,7 +135,7 @@ where
                 break Err(e.into());
             }
         }
-        dispatch(&export, req, payload, structured, tx.clone(), (req_permit, byte_permit));
+        dispatch(&export, req, payload, structured, tx.clone(), (req_permit, byte_permit), started);
     };
     // Drain: the writer ends when the last in-flight job drops its sender.
     drop(tx);
@@ -158,14 +162,20 @@ fn dispatch(
     structured: bool,
     tx: mpsc::Sender<Reply>,
     permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    started: Instant,
 ) {
     let reply = move |body| Reply { cookie: req.cookie, offset: req.offset, body };
+    export.metrics().request_started();
     if req.flags & !allowed_flags(req.command, structured) != 0 {
-        let _ = tx.try_send(reply(Body::Errno(proto::EINVAL, "unsupported command flags")));
+        let body = Body::Errno(proto::EINVAL, "unsupported command flags");
+        account(export, &req, &body, started);
+        let _ = tx.try_send(reply(body));
         return;
     }
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
+    let metered = export.clone();
     let export = export.clone();
+    let counted = export.clone();
     let job = move || -> Body {
         let len = u64::from(req.len);
         let r = match req.command {
@@ -200,10 +210,29 @@ fn dispatch(
     };
     tokio::task::spawn_blocking(move || {
         let body = job();
+        account(&metered, &req, &body, started);
+        if let Body::Err(e) = &body {
+            counted.record_error(e);
+        }
         // The writer may be gone (client disconnected); the reply is then moot.
         let _ = tx.blocking_send(reply(body));
         drop(permits);
     });
+}
+
+/// The reply status is decided: count the request in the export's metrics, and log a failure
+/// (debug; warn, rate-limited, when it is the server's fault).
+fn account(export: &Export, req: &Request, body: &Body, started: Instant) {
+    let m = export.metrics();
+    let errno = match body {
+        Body::Ok | Body::Data(_) => 0,
+        Body::Err(e) => {
+            m.log_failure(export.name(), req.command, req.offset, u64::from(req.len), e.fault(), e.errno(), e);
+            e.errno()
+        }
+        Body::Errno(n, _) => *n,
+    };
+    m.request_done(req.command, u64::from(req.len), errno, started);
 }
 
 async fn write_replies<W>(writer: W, mut rx: mpsc::Receiver<Reply>, structured: bool) -> std::io::Result<()>
@@ -242,10 +271,7 @@ where
             }
             return w.write_all(data).await;
         }
-        Body::Err(e) => {
-            tracing::debug!(cookie = reply.cookie, offset = reply.offset, error = %e, "request failed");
-            (e.errno(), e.to_string())
-        }
+        Body::Err(e) => (e.errno(), e.to_string()),
         Body::Errno(n, m) => (*n, (*m).to_string()),
     };
     if structured && errno != 0 {
