@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::keys::KeySpec;
+use crate::nbd::handshake::TlsMode;
 
 #[derive(Debug, Parser)]
 #[command(name = "nbdcrypt", version, about = "Encrypted block devices over NBD, keys wrapped by a KMS or a local KEK")]
@@ -36,6 +37,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing would only add noise
 pub enum Command {
     /// Write a new random 32-byte key-encryption key for the local provider (mode 0600).
     #[command(after_help = "Example:\n  nbdcrypt genkey /etc/nbdcrypt/vol1.kek")]
@@ -345,6 +347,34 @@ pub struct ServeArgs {
     /// Pass TRIM through to the raw volume (reveals which blocks are unused).
     #[arg(long)]
     pub allow_discards: bool,
+    /// TLS on TCP listeners: off, optional (the client's choice) or require. Default: require
+    /// when --tls-cert is given, off otherwise.
+    #[arg(long, value_parser = parse_tls, conflicts_with = "config")]
+    pub tls: Option<TlsMode>,
+    /// PEM certificate chain of the server.
+    #[arg(long, requires = "tls_key", conflicts_with = "config")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the server.
+    #[arg(long, requires = "tls_cert", conflicts_with = "config")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate signed by one of them.
+    #[arg(long, conflicts_with = "config")]
+    pub tls_ca: Option<PathBuf>,
+    /// Permission bits of the Unix socket (octal).
+    #[arg(long, default_value = "0600", value_parser = parse_octal_mode, conflicts_with = "config")]
+    pub socket_mode: u32,
+    /// Owner of the Unix socket (user name or id).
+    #[arg(long, requires = "socket", conflicts_with = "config")]
+    pub socket_owner: Option<String>,
+    /// Group of the Unix socket (group name or id).
+    #[arg(long, requires = "socket", conflicts_with = "config")]
+    pub socket_group: Option<String>,
+    /// Most client connections at once; more are closed at once.
+    #[arg(long, default_value_t = 64, conflicts_with = "config")]
+    pub max_connections: usize,
+    /// Seconds a client has to finish the handshake (TLS included).
+    #[arg(long, default_value_t = 10, conflicts_with = "config")]
+    pub handshake_timeout: u64,
     /// The device's cloud volume id, compared with the header's binding (default: read from
     /// the EBS NVMe serial number in sysfs).
     #[arg(long, env = "NBDCRYPT_DEVICE_ID", conflicts_with = "config")]
@@ -437,6 +467,14 @@ pub struct DecryptArgs {
     pub key: KeySpec,
     #[command(flatten)]
     pub kms: KmsArgs,
+}
+
+fn parse_tls(s: &str) -> Result<TlsMode, String> {
+    crate::config::parse_tls_mode(s).ok_or_else(|| "must be off, optional or require".into())
+}
+
+fn parse_octal_mode(s: &str) -> Result<u32, String> {
+    crate::config::parse_mode(s).ok_or_else(|| format!("{s:?} is not an octal mode such as 0600"))
 }
 
 fn parse_sector_size(s: &str) -> Result<u32, String> {

@@ -12,6 +12,15 @@
 //! handshake_timeout_secs = 10
 //! metrics_listen = "127.0.0.1:9810" # Prometheus endpoint (default: off)
 //! control_socket = "/run/nbdcrypt/vol.ctl" # default /run/nbdcrypt/<config name>.ctl; "" = off
+//! socket_owner = "root"            # optional: name or numeric id
+//! socket_group = "disk"            # optional: name or numeric id
+//! max_requests_per_connection = 128
+//! max_bytes_per_connection = "64M"
+//! shutdown_grace_secs = 2
+//! tls = "require"                  # off | optional | require (default: require if tls_cert is set)
+//! tls_cert = "server-cert.pem"     # PEM chain
+//! tls_key = "server-key.pem"       # PEM private key
+//! tls_ca = "ca-cert.pem"           # optional: require client certificates from this CA
 //!
 //! [log]
 //! level = "info"                    # tracing filter; reloaded on SIGHUP
@@ -38,7 +47,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::cli::LogFormat;
-use crate::server::ListenAddr;
+use crate::nbd::handshake::TlsMode;
+use crate::server::{ListenAddr, SocketPerms};
+use crate::tls::TlsFiles;
 use crate::units::SectorSize;
 
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +107,24 @@ struct RawServer {
     /// Default: `/run/nbdcrypt/<config file stem>.ctl`; an empty string turns it off.
     #[serde(default)]
     control_socket: Option<PathBuf>,
+    #[serde(default)]
+    socket_owner: Option<String>,
+    #[serde(default)]
+    socket_group: Option<String>,
+    #[serde(default = "default_max_requests")]
+    max_requests_per_connection: usize,
+    #[serde(default = "default_max_bytes")]
+    max_bytes_per_connection: String,
+    #[serde(default = "default_shutdown_grace")]
+    shutdown_grace_secs: u64,
+    #[serde(default)]
+    tls: Option<String>,
+    #[serde(default)]
+    tls_cert: Option<PathBuf>,
+    #[serde(default)]
+    tls_key: Option<PathBuf>,
+    #[serde(default)]
+    tls_ca: Option<PathBuf>,
 }
 
 impl Default for RawServer {
@@ -108,6 +137,15 @@ impl Default for RawServer {
             handshake_timeout_secs: default_handshake_timeout(),
             metrics_listen: None,
             control_socket: None,
+            socket_owner: None,
+            socket_group: None,
+            max_requests_per_connection: default_max_requests(),
+            max_bytes_per_connection: default_max_bytes(),
+            shutdown_grace_secs: default_shutdown_grace(),
+            tls: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 }
@@ -123,6 +161,15 @@ fn default_max_connections() -> usize {
 }
 fn default_handshake_timeout() -> u64 {
     10
+}
+fn default_max_requests() -> usize {
+    128
+}
+fn default_max_bytes() -> String {
+    "64M".into()
+}
+fn default_shutdown_grace() -> u64 {
+    2
 }
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:10809";
@@ -166,6 +213,10 @@ pub struct Config {
     pub listeners: Vec<ListenAddr>,
     pub max_connections: usize,
     pub handshake_timeout_secs: u64,
+    pub max_requests_per_connection: usize,
+    pub max_bytes_per_connection: usize,
+    pub shutdown_grace_secs: u64,
+    pub tls: TlsSettings,
     pub exports: Vec<ExportConfig>,
     /// The Prometheus endpoint, if any (reloadable).
     pub metrics_listen: Option<SocketAddr>,
@@ -194,6 +245,53 @@ impl ControlSocket {
             ControlSocket::Off => None,
         }
     }
+}
+
+/// The TLS mode of TCP listeners and, unless it is off, the credentials.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub mode: TlsMode,
+    pub files: Option<TlsFiles>,
+}
+
+impl TlsSettings {
+    /// Validates a TLS setting, from the config file or the command line alike. `mode`
+    /// defaults to `require` when a certificate is given (a server with credentials should not
+    /// be open to downgrade), `off` otherwise; `optional` and `require` need a certificate and
+    /// a key; a CA (client verification) needs TLS.
+    pub fn new(
+        mode: Option<TlsMode>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        ca: Option<PathBuf>,
+    ) -> Result<TlsSettings, String> {
+        let mode = mode.unwrap_or(if cert.is_some() { TlsMode::Require } else { TlsMode::Off });
+        if mode == TlsMode::Off {
+            if ca.is_some() {
+                return Err("tls_ca (client certificate verification) needs tls = optional or require".into());
+            }
+            return Ok(TlsSettings { mode, files: None });
+        }
+        match (cert, key) {
+            (Some(cert), Some(key)) => Ok(TlsSettings { mode, files: Some(TlsFiles { cert, key, ca }) }),
+            _ => Err("TLS needs both tls_cert and tls_key".into()),
+        }
+    }
+}
+
+/// Parses `off`, `optional`, `require`.
+pub fn parse_tls_mode(s: &str) -> Option<TlsMode> {
+    match s {
+        "off" => Some(TlsMode::Off),
+        "optional" => Some(TlsMode::Optional),
+        "require" => Some(TlsMode::Require),
+        _ => None,
+    }
+}
+
+/// Parses an octal permission mode (`0600`, `660`, `0o640`).
+pub fn parse_mode(s: &str) -> Option<u32> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -236,14 +334,38 @@ impl Config {
         let invalid = |message: String| ConfigError::Invalid { path: path.to_owned(), message };
         let resolve = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
 
-        let mode = u32::from_str_radix(raw.server.socket_mode.trim_start_matches("0o"), 8)
-            .ok()
-            .filter(|m| *m <= 0o777)
+        let mode = parse_mode(&raw.server.socket_mode)
             .ok_or_else(|| invalid(format!("server.socket_mode {:?} is not an octal mode", raw.server.socket_mode)))?;
         let mut listeners: Vec<ListenAddr> = raw.server.listen.iter().map(|a| ListenAddr::Tcp(a.clone())).collect();
         if let Some(s) = &raw.server.socket {
-            listeners.push(ListenAddr::Unix { path: resolve(s), mode });
+            let perms =
+                SocketPerms { mode, owner: raw.server.socket_owner.clone(), group: raw.server.socket_group.clone() };
+            listeners.push(ListenAddr::Unix { path: resolve(s), perms });
+        } else if raw.server.socket_owner.is_some() || raw.server.socket_group.is_some() {
+            return Err(invalid("server.socket_owner and socket_group need server.socket".into()));
         }
+        let tls_mode = match &raw.server.tls {
+            None => None,
+            Some(t) => Some(
+                parse_tls_mode(t)
+                    .ok_or_else(|| invalid(format!("server.tls {t:?} must be \"off\", \"optional\" or \"require\"")))?,
+            ),
+        };
+        let tls = TlsSettings::new(
+            tls_mode,
+            raw.server.tls_cert.as_deref().map(resolve),
+            raw.server.tls_key.as_deref().map(resolve),
+            raw.server.tls_ca.as_deref().map(resolve),
+        )
+        .map_err(|m| invalid(format!("server: {m}")))?;
+        let max_bytes = parse_size(&raw.server.max_bytes_per_connection)
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(|| {
+                invalid(format!(
+                    "server.max_bytes_per_connection {:?} is not a size",
+                    raw.server.max_bytes_per_connection
+                ))
+            })?;
         if listeners.is_empty() {
             return Err(invalid("no listener: set server.listen or server.socket".into()));
         }
@@ -299,6 +421,10 @@ impl Config {
             listeners,
             max_connections: raw.server.max_connections.max(1),
             handshake_timeout_secs: raw.server.handshake_timeout_secs.max(1),
+            max_requests_per_connection: raw.server.max_requests_per_connection.max(1),
+            max_bytes_per_connection: max_bytes,
+            shutdown_grace_secs: raw.server.shutdown_grace_secs,
+            tls,
             exports,
             metrics_listen,
             control_socket,
@@ -379,6 +505,46 @@ mod tests {
             Config::parse("[[export]]\nname = \"a\"\ndevice = \"d.img\"\n", Path::new("/etc/nbdcrypt/a.toml")).unwrap();
         assert_eq!(c.exports[0].device, PathBuf::from("/etc/nbdcrypt/d.img"));
         assert!(matches!(&c.listeners[0], ListenAddr::Tcp(a) if a == DEFAULT_LISTEN));
+    }
+
+    const EXPORT: &str = "[[export]]\nname = \"a\"\ndevice = \"d.img\"\n";
+
+    #[test]
+    fn tls_defaults_to_require_when_a_certificate_is_given() {
+        let text = format!("[server]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n{EXPORT}");
+        let c = Config::parse(&text, Path::new("/etc/n/a.toml")).unwrap();
+        assert_eq!(c.tls.mode, TlsMode::Require);
+        assert_eq!(c.tls.files.unwrap().cert, PathBuf::from("/etc/n/c.pem"));
+        let c = Config::parse(EXPORT, Path::new("/a.toml")).unwrap();
+        assert_eq!(c.tls, TlsSettings { mode: TlsMode::Off, files: None });
+    }
+
+    #[test]
+    fn tls_without_a_key_is_refused() {
+        let text = format!("[server]\ntls = \"optional\"\ntls_cert = \"c.pem\"\n{EXPORT}");
+        let err = Config::parse(&text, Path::new("/a.toml")).unwrap_err().to_string();
+        assert!(err.contains("tls_key"), "{err}");
+    }
+
+    #[test]
+    fn unknown_tls_mode_is_refused() {
+        let text = format!("[server]\ntls = \"sometimes\"\n{EXPORT}");
+        assert!(Config::parse(&text, Path::new("/a.toml")).is_err());
+    }
+
+    #[test]
+    fn socket_owner_and_limits_are_read() {
+        let text = format!(
+            "[server]\nsocket = \"s.sock\"\nsocket_mode = \"0660\"\nsocket_group = \"disk\"\n\
+             max_requests_per_connection = 8\nmax_bytes_per_connection = \"1M\"\n{EXPORT}"
+        );
+        let c = Config::parse(&text, Path::new("/r/a.toml")).unwrap();
+        let unix = c.listeners.iter().find_map(|l| match l {
+            ListenAddr::Unix { perms, .. } => Some(perms.clone()),
+            ListenAddr::Tcp(_) => None,
+        });
+        assert_eq!(unix, Some(SocketPerms { mode: 0o660, owner: None, group: Some("disk".into()) }));
+        assert_eq!((c.max_requests_per_connection, c.max_bytes_per_connection), (8, 1 << 20));
     }
 
     #[test]

@@ -144,7 +144,11 @@ impl ControlServer {
                 std::fs::create_dir_all(dir)?;
             }
         }
-        let listener = Listener::bind(&ListenAddr::Unix { path: path.to_owned(), mode: 0o600 }).await?;
+        let listener = Listener::bind(&ListenAddr::Unix {
+            path: path.to_owned(),
+            perms: crate::server::SocketPerms { mode: 0o600, owner: None, group: None },
+        })
+        .await?;
         Ok(ControlServer { listener })
     }
 

@@ -35,9 +35,12 @@ pub enum ExportError {
     /// A read or cache request reaches past the end of the export.
     #[error("read of {len} bytes at offset {offset} is past the end of the export ({size} bytes)")]
     ReadOutOfRange { offset: u64, len: u64, size: u64 },
-    /// A write, zero or trim request reaches past the end of the export.
+    /// A write or zero request reaches past the end of the export.
     #[error("write of {len} bytes at offset {offset} is past the end of the export ({size} bytes)")]
     WriteOutOfRange { offset: u64, len: u64, size: u64 },
+    /// A trim request reaches past the end of the export (the spec wants EINVAL, as reads).
+    #[error("trim of {len} bytes at offset {offset} is past the end of the export ({size} bytes)")]
+    TrimOutOfRange { offset: u64, len: u64, size: u64 },
     /// The export is read-only.
     #[error("the export is read-only")]
     ReadOnly,
@@ -75,6 +78,7 @@ impl ExportError {
             }
             ExportError::ReadOutOfRange { .. }
             | ExportError::WriteOutOfRange { .. }
+            | ExportError::TrimOutOfRange { .. }
             | ExportError::ReadOnly
             | ExportError::TooLarge { .. }
             | ExportError::NotSupported(_)
@@ -87,6 +91,7 @@ impl ExportError {
         match self {
             ExportError::ReadOutOfRange { .. } => proto::EINVAL,
             ExportError::WriteOutOfRange { .. } => proto::ENOSPC,
+            ExportError::TrimOutOfRange { .. } => proto::EINVAL,
             ExportError::ReadOnly => proto::EPERM,
             ExportError::TooLarge { .. } => proto::EINVAL,
             ExportError::NotSupported(_) => proto::ENOTSUP,
@@ -104,6 +109,7 @@ impl ExportError {
         match self {
             ExportError::ReadOutOfRange { .. }
             | ExportError::WriteOutOfRange { .. }
+            | ExportError::TrimOutOfRange { .. }
             | ExportError::ReadOnly
             | ExportError::TooLarge { .. }
             | ExportError::NotSupported(_) => Fault::Client,
@@ -419,7 +425,10 @@ impl Export {
     /// partial sectors) does nothing, which the spec permits: trimmed data reads back as
     /// unspecified contents.
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
-        let r = self.check_write(offset, len)?;
+        let r = self.check_write(offset, len).map_err(|e| match e {
+            ExportError::WriteOutOfRange { offset, len, size } => ExportError::TrimOutOfRange { offset, len, size },
+            other => other,
+        })?;
         if self.opts.allow_discards && r.len > 0 {
             let ss = self.sector_size();
             if let Some(start) = ss.align_up(r.offset) {
@@ -669,6 +678,7 @@ mod tests {
         assert_eq!(e.write(2048, vec![0; 512], false).unwrap_err().errno(), proto::ENOSPC);
         assert_eq!(e.write_zeroes(u64::MAX, 2, false, false).unwrap_err().errno(), proto::ENOSPC);
         assert_eq!(e.validate_read(u64::MAX, 1).unwrap_err().errno(), proto::EINVAL);
+        assert_eq!(e.trim(2048, 512, false).unwrap_err().errno(), proto::EINVAL);
     }
 
     #[test]

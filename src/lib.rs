@@ -10,6 +10,7 @@
 //!   [`nbd::handshake`] and [`nbd::transmission`] drive one connection over any async stream.
 //! - [`server`]: listeners (TCP, Unix), the connection cap, and a shutdown that drains
 //!   in-flight requests and flushes before exit.
+//! - [`tls`]: TLS credentials (rustls on AWS-LC) for `NBD_OPT_STARTTLS` on TCP listeners.
 //! - [`export`]: one served volume: geometry, the sector cipher, read-modify-write for I/O that
 //!   is not sector-aligned, and the one place where failures become NBD errnos.
 //! - [`backend`]: the raw volume (file or block device) behind a narrow trait, plus an
@@ -51,5 +52,6 @@ pub mod migrate;
 pub mod nbd;
 pub mod notify;
 pub mod server;
+pub mod tls;
 pub mod units;
 pub mod volume;

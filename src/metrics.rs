@@ -173,6 +173,7 @@ impl ExportMetrics {
 
     /// Logs a failed request: always at debug; at warn if it is the server's fault and the
     /// export's warn budget for this window is not spent.
+    #[allow(clippy::too_many_arguments)]
     pub fn log_failure(
         &self,
         export: &str,

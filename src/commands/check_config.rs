@@ -65,12 +65,22 @@ fn render(c: &Config) -> String {
         .collect();
     let _ = writeln!(o, "listen = [{}]", tcp.join(", "));
     for l in &c.listeners {
-        if let ListenAddr::Unix { path, mode } = l {
-            let _ = writeln!(o, "socket = {}\nsocket_mode = \"{mode:04o}\"", q(&path.display().to_string()));
+        if let ListenAddr::Unix { path, perms } = l {
+            let _ = writeln!(o, "socket = {}\nsocket_mode = \"{:04o}\"", q(&path.display().to_string()), perms.mode);
+            if let Some(owner) = &perms.owner {
+                let _ = writeln!(o, "socket_owner = {}", q(owner));
+            }
+            if let Some(group) = &perms.group {
+                let _ = writeln!(o, "socket_group = {}", q(group));
+            }
         }
     }
     let _ = writeln!(o, "max_connections = {}", c.max_connections);
     let _ = writeln!(o, "handshake_timeout_secs = {}", c.handshake_timeout_secs);
+    let _ = writeln!(o, "max_requests_per_connection = {}", c.max_requests_per_connection);
+    let _ = writeln!(o, "max_bytes_per_connection = {}", c.max_bytes_per_connection);
+    let _ = writeln!(o, "shutdown_grace_secs = {}", c.shutdown_grace_secs);
+    let _ = writeln!(o, "tls = {:?}", format!("{:?}", c.tls.mode).to_lowercase());
     match c.metrics_listen {
         Some(a) => {
             let _ = writeln!(o, "metrics_listen = {}", q(&a.to_string()));

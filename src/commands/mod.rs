@@ -38,6 +38,9 @@ pub enum CmdError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Migrate(#[from] crate::migrate::MigrateError),
+    /// The TLS certificate, key or CA could not be loaded.
+    #[error("TLS setup failed")]
+    Tls(#[from] crate::tls::TlsError),
     /// The command would destroy data or a key and was not told `--yes`.
     #[error("refusing: {0}")]
     Refused(String),
@@ -71,7 +74,7 @@ impl CmdError {
             CmdError::Usage(_) => 2,
             CmdError::Control(_) => 6,
             CmdError::Remote { exit_code, .. } => *exit_code,
-            CmdError::Key(_) | CmdError::Config(_) | CmdError::Io { .. } | CmdError::Invalid(_) => 1,
+            CmdError::Key(_) | CmdError::Config(_) | CmdError::Tls(_) | CmdError::Io { .. } | CmdError::Invalid(_) => 1,
         }
     }
 }

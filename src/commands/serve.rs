@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::{format_backend, io_err, kms_options, CmdError};
 use crate::backend::FileBackend;
 use crate::cli::ServeArgs;
-use crate::config::{Config, ControlSocket, CreateConfig, ExportConfig, DEFAULT_LISTEN};
+use crate::config::{Config, ControlSocket, CreateConfig, ExportConfig, TlsSettings, DEFAULT_LISTEN};
 use crate::control::{
     self, ControlHandler, ControlRequest, ControlResponse, ControlServer, DaemonStatus, ExportStatus,
 };
@@ -28,8 +28,10 @@ use crate::logging::{self, LevelChange};
 use crate::metrics::{self, ExportView, ProcessView};
 use crate::metrics_http::MetricsServer;
 use crate::nbd::handshake::Catalog;
+use crate::nbd::transmission::Limits;
 use crate::notify::notify_or_warn;
-use crate::server::{self, ListenAddr, Listener, ServerOptions};
+use crate::server::{self, ListenAddr, Listener, ServerOptions, SocketPerms};
+use crate::tls::TlsSetup;
 use crate::volume::{self, VolumeError};
 
 /// One served export and what `status` and `resume` need to know about it.
@@ -59,6 +61,11 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
     let config = load_config(&args)?;
     let source = args.config.as_deref().map(|p| p.display().to_string()).unwrap_or_else(|| "command line".into());
     tracing::info!(version = env!("CARGO_PKG_VERSION"), pid = std::process::id(), config = %source, "starting");
+    // TLS credentials before any key is unwrapped: a bad file fails the start at once.
+    let tls = match &config.tls.files {
+        None => TlsSetup::off(),
+        Some(files) => TlsSetup::load(config.tls.mode, files)?,
+    };
 
     let kms = kms_options(&args.kms);
     let mut served = Vec::new();
@@ -92,10 +99,19 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
     tracing::info!(startup_ms = started.elapsed().as_millis() as u64, exports = exports.len(), "ready");
     notify_or_warn(&format!("READY=1\nMAINPID={}\nSTATUS={}", std::process::id(), daemon.status_line()));
 
+    tracing::info!(
+        tls = ?tls.mode, client_certificates = tls.verifies_clients,
+        max_connections = config.max_connections, "server options"
+    );
     let opts = ServerOptions {
         max_connections: config.max_connections,
         handshake_timeout: Duration::from_secs(config.handshake_timeout_secs),
-        ..Default::default()
+        limits: Limits {
+            max_requests: config.max_requests_per_connection,
+            max_bytes: config.max_bytes_per_connection,
+            shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
+        },
+        tls,
     };
     let signals =
         tokio::spawn(handle_signals(signals, args, Reloadable { config, metrics }, daemon.clone(), shutdown_tx));
@@ -132,8 +148,15 @@ fn load_config(args: &ServeArgs) -> Result<Config, CmdError> {
             };
             let mut l: Vec<ListenAddr> = args.listen.iter().map(|a| ListenAddr::Tcp(a.clone())).collect();
             if let Some(s) = &args.socket {
-                l.push(ListenAddr::Unix { path: s.clone(), mode: 0o600 });
+                let perms = SocketPerms {
+                    mode: args.socket_mode,
+                    owner: args.socket_owner.clone(),
+                    group: args.socket_group.clone(),
+                };
+                l.push(ListenAddr::Unix { path: s.clone(), perms });
             }
+            let tls = TlsSettings::new(args.tls, args.tls_cert.clone(), args.tls_key.clone(), args.tls_ca.clone())
+                .map_err(|m| CmdError::Usage(m.replace("tls_", "--tls-")))?;
             if l.is_empty() {
                 l.push(ListenAddr::Tcp(DEFAULT_LISTEN.into()));
             }
@@ -150,8 +173,12 @@ fn load_config(args: &ServeArgs) -> Result<Config, CmdError> {
             };
             Config {
                 listeners: l,
-                max_connections: 64,
-                handshake_timeout_secs: 10,
+                max_connections: args.max_connections.max(1),
+                handshake_timeout_secs: args.handshake_timeout.max(1),
+                max_requests_per_connection: Limits::default().max_requests,
+                max_bytes_per_connection: Limits::default().max_bytes,
+                shutdown_grace_secs: Limits::default().shutdown_grace.as_secs(),
+                tls,
                 exports: vec![cfg],
                 metrics_listen: None,
                 control_socket: ControlSocket::Default(control::default_path(None, &args.export)),

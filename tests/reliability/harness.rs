@@ -215,7 +215,10 @@ impl InProcess {
 
     pub fn start(&mut self, export: Arc<Export>, sock: &Path) {
         assert!(self.running.is_none());
-        let addr = ListenAddr::Unix { path: sock.to_owned(), mode: 0o600 };
+        let addr = ListenAddr::Unix {
+            path: sock.to_owned(),
+            perms: nbdcrypt::server::SocketPerms { mode: 0o600, owner: None, group: None },
+        };
         let listener = self.rt.block_on(Listener::bind(&addr)).unwrap();
         let exports = HashMap::from([("t".to_string(), export)]);
         let catalog = Catalog { exports: Arc::new(exports), default_export: Some("t".into()) };
