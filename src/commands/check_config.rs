@@ -78,7 +78,7 @@ fn render(c: &Config) -> String {
     let _ = writeln!(o, "max_connections = {}", c.max_connections);
     let _ = writeln!(o, "handshake_timeout_secs = {}", c.handshake_timeout_secs);
     let _ = writeln!(o, "max_requests_per_connection = {}", c.max_requests_per_connection);
-    let _ = writeln!(o, "max_bytes_per_connection = {}", c.max_bytes_per_connection);
+    let _ = writeln!(o, "max_bytes_per_connection = \"{}\"", c.max_bytes_per_connection);
     let _ = writeln!(o, "shutdown_grace_secs = {}", c.shutdown_grace_secs);
     let _ = writeln!(o, "tls = {:?}", format!("{:?}", c.tls.mode).to_lowercase());
     match c.metrics_listen {
