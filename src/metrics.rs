@@ -185,8 +185,11 @@ impl ExportMetrics {
         err: &dyn std::error::Error,
     ) {
         let error = crate::server::error_chain(err);
-        tracing::debug!(%export, command = COMMANDS[command_index(cmd)], offset, len, errno, %error, "request failed");
+        let command = COMMANDS[command_index(cmd)];
+        // One line per failure: at warn when it is the server's fault and the budget allows,
+        // at debug otherwise.
         if fault == Fault::Client {
+            tracing::debug!(%export, command, offset, len, errno, %error, "request failed");
             return;
         }
         let (warn, suppressed_before) = self.warn_admit(Instant::now());
@@ -194,7 +197,9 @@ impl ExportMetrics {
             tracing::warn!(%export, suppressed = n, window_secs = WARN_WINDOW.as_secs(), "suppressed request-error warnings");
         }
         if warn {
-            tracing::warn!(%export, command = COMMANDS[command_index(cmd)], offset, len, errno, %error, "request failed");
+            tracing::warn!(%export, command, offset, len, errno, %error, "request failed");
+        } else {
+            tracing::debug!(%export, command, offset, len, errno, %error, "request failed");
         }
     }
 

@@ -479,7 +479,6 @@ where
             return w.write_all(data).await;
         }
         Body::Err(e) => {
-            tracing::debug!(cookie = reply.cookie, offset = reply.offset, error = %e, "request failed");
             // The failed I/O covered the whole range and nothing was sent for it: the first
             // byte is where the client can no longer assume success.
             let at = (is_data_error(e) && reply.len > 0).then_some(reply.offset);
