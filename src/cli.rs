@@ -73,6 +73,24 @@ pub enum Command {
     /// Back up, restore or repair the header.
     #[command(subcommand)]
     Header(HeaderCommand),
+    /// Copy a plaintext volume (file, block device or NBD URI) into a new encrypted one;
+    /// resumable: run the same command again after an interruption.
+    #[command(
+        after_help = "Examples:\n  nbdcrypt migrate --from /dev/nvme1n1 --to /dev/nvme2n1 --key aws-kms:alias/vols --verify\n  nbdcrypt migrate --from nbd://10.0.0.5/disk --to new.img --key local:k.kek"
+    )]
+    Migrate(MigrateArgs),
+    /// Encrypt a plaintext volume in place (its filesystem must leave the last 5 MiB unused:
+    /// data moves 2 MiB towards the end, a 3 MiB journal sits at the very end). Resumable.
+    #[command(after_help = "Example:\n  nbdcrypt encrypt /dev/nvme1n1 --key local:/etc/nbdcrypt/vol1.kek")]
+    Encrypt(EncryptArgs),
+    /// Re-encrypt a volume in place under a new volume key (offline). Resumable.
+    #[command(
+        after_help = "Example:\n  nbdcrypt reencrypt /dev/nvme1n1 --key local:old.kek --new-key aws-kms:alias/vols"
+    )]
+    Reencrypt(ReencryptArgs),
+    /// Decrypt a volume in place back to plaintext at offset 0 (offline). Resumable.
+    #[command(after_help = "Example:\n  nbdcrypt decrypt /dev/nvme1n1 --key local:/etc/nbdcrypt/vol1.kek")]
+    Decrypt(DecryptArgs),
     /// Measure the sector cipher's throughput on this CPU (like `cryptsetup benchmark`).
     #[command(after_help = "Example:\n  nbdcrypt benchmark --seconds 1")]
     Benchmark {
@@ -379,6 +397,76 @@ pub struct ServeArgs {
 /// A path, where an empty string is allowed (it means "off").
 fn path_or_empty(s: &str) -> Result<PathBuf, String> {
     Ok(PathBuf::from(s))
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// The plaintext source: a block device, a file, or nbd://host[:port]/export,
+    /// nbd+unix:///export?socket=PATH.
+    #[arg(long)]
+    pub from: String,
+    /// The target raw volume (formatted unless it already is this migration's target).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Key provider for the new volume key: local:KEKFILE or aws-kms:KEY.
+    #[arg(long)]
+    pub key: KeySpec,
+    /// Encryption sector size in bytes.
+    #[arg(long, default_value_t = 4096, value_parser = parse_sector_size)]
+    pub sector_size: u32,
+    /// Re-read both sides after copying and compare every byte.
+    #[arg(long)]
+    pub verify: bool,
+    /// Overwrite a target that holds data, another migration or a complete volume.
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// The plaintext raw volume.
+    pub device: PathBuf,
+    /// Key provider for the new volume key: local:KEKFILE or aws-kms:KEY.
+    #[arg(long)]
+    pub key: KeySpec,
+    /// Encryption sector size in bytes.
+    #[arg(long, default_value_t = 4096, value_parser = parse_sector_size)]
+    pub sector_size: u32,
+    /// Bytes of plaintext to encrypt (the filesystem size); default: the device minus 5 MiB.
+    #[arg(long)]
+    pub size: Option<u64>,
+    /// Proceed even though no known filesystem tells how much of the device is in use.
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReencryptArgs {
+    /// The raw volume.
+    pub device: PathBuf,
+    /// Key provider that unlocks the volume now.
+    #[arg(long)]
+    pub key: KeySpec,
+    /// Key provider that wraps the new volume key (default: the same as --key).
+    #[arg(long)]
+    pub new_key: Option<KeySpec>,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// The raw volume.
+    pub device: PathBuf,
+    /// Key provider that unlocks the volume.
+    #[arg(long)]
+    pub key: KeySpec,
+    #[command(flatten)]
+    pub kms: KmsArgs,
 }
 
 fn parse_tls(s: &str) -> Result<TlsMode, String> {

@@ -21,6 +21,9 @@
 //!   and the keyring that finds one for each key slot.
 //! - [`identity`]: which cloud volume a device is (EBS volume id), for the header's binding.
 //! - [`volume`]: opening a volume: read the header, unlock a slot, verify, build an export.
+//! - [`migrate`]: moving data into, within and out of the encryption: `migrate` (copy a
+//!   plaintext source into a new volume), in-place `encrypt`/`reencrypt`/`decrypt` with a tail
+//!   journal, all resumable after a crash (`docs/reencryption.md`).
 //! - [`cli`], [`config`], [`commands`]: the command line, the TOML config, and the commands.
 //!
 //! Operations, beside the data path:
@@ -45,6 +48,7 @@ pub mod keys;
 pub mod logging;
 pub mod metrics;
 pub mod metrics_http;
+pub mod migrate;
 pub mod nbd;
 pub mod notify;
 pub mod server;

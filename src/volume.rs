@@ -29,6 +29,15 @@ pub enum VolumeError {
     TooSmall { actual: u64, needed: u64 },
     #[error("cannot set up the sector cipher")]
     Cipher(#[from] CipherError),
+    /// The header records an unfinished migrate/encrypt/reencrypt/decrypt: its data area is
+    /// not all under the header's key yet.
+    #[error(
+        "an unfinished `{kind}` is recorded on this volume: run `nbdcrypt {kind}` again to finish it before serving"
+    )]
+    Busy { kind: String },
+    /// Another process holds the device (an offline operation, or another server).
+    #[error("{path} is in use by another nbdcrypt process (serve or an offline operation)")]
+    Locked { path: String },
     /// The header is bound to another cloud volume than the device (`--strict-binding`).
     #[error(
         "the header is bound to volume {bound} but the device is {actual}: it was copied or cloned from \
@@ -54,7 +63,10 @@ impl VolumeError {
             | VolumeError::TooSmall { .. }
             | VolumeError::BindingMismatch { .. }
             | VolumeError::BindingUnknown { .. } => 4,
-            VolumeError::Open { .. } | VolumeError::Cipher(_) => 1,
+            VolumeError::Open { .. }
+            | VolumeError::Cipher(_)
+            | VolumeError::Busy { .. }
+            | VolumeError::Locked { .. } => 1,
         }
     }
 }
@@ -74,10 +86,16 @@ impl Unlocked {
     }
 }
 
-/// Opens the raw volume at `path`.
+/// Opens the raw volume at `path`, with a non-blocking `fcntl` record lock (exclusive when
+/// writable, shared otherwise) held as long as the process keeps the file: the offline
+/// operations of [`crate::migrate`] take it exclusively, so they and `serve` refuse each
+/// other ([`FileBackend::try_lock`]).
 pub fn open_backend(path: &std::path::Path, writable: bool) -> Result<Arc<dyn Backend>, VolumeError> {
     let b = FileBackend::open(path, writable)
         .map_err(|source| VolumeError::Open { path: path.display().to_string(), source })?;
+    if !b.try_lock(writable) {
+        return Err(VolumeError::Locked { path: path.display().to_string() });
+    }
     Ok(Arc::new(b))
 }
 
@@ -195,6 +213,9 @@ pub async fn unlock_backend_checked<S: ProviderSource + ?Sized>(
 /// dropped (zeroized) here.
 pub fn into_export(u: Unlocked, opts: ExportOptions) -> Result<(Arc<Export>, Header), VolumeError> {
     let h = u.loaded.header;
+    if let Some(c) = &h.checkpoint {
+        return Err(VolumeError::Busy { kind: c.kind.clone() });
+    }
     let cipher = SectorCipher::new(&u.key, h.sector_size)?;
     drop(u.key);
     let geo = Geometry { sector_size: h.sector_size, data_offset: h.data_offset, data_size: h.data_size };

@@ -18,7 +18,7 @@ log() { printf '[tests %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 APT_PACKAGES=(
     libnbd-bin nbdfuse python3-libnbd nbdkit fio qemu-utils fuse3 e2fsprogs util-linux
     python3-cryptography jq openssl gawk coreutils procps mount
-    systemd strace nbd-client python3-prometheus-client python3-seccomp
+    systemd strace nbd-client python3-prometheus-client python3-seccomp shellcheck bc
 )
 PIP_PACKAGES=("moto[server]" boto3 cryptography)
 

@@ -41,6 +41,18 @@ impl FileBackend {
     pub fn is_block_device(&self) -> bool {
         self.is_block_device
     }
+
+    /// Takes a non-blocking whole-file `fcntl` record lock (exclusive or shared), held until
+    /// the process closes the file. False if another process holds a conflicting one. This is
+    /// the "volume in use" lock between `serve` and the offline operations of
+    /// [`crate::migrate`]; it is independent of the `flock` that header-changing commands take,
+    /// so those still work on a served volume.
+    pub fn try_lock(&self, exclusive: bool) -> bool {
+        use rustix::fs::{fcntl_lock, FlockOperation};
+        let op =
+            if exclusive { FlockOperation::NonBlockingLockExclusive } else { FlockOperation::NonBlockingLockShared };
+        fcntl_lock(&self.file, op).is_ok()
+    }
 }
 
 impl Backend for FileBackend {

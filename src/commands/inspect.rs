@@ -42,6 +42,7 @@ pub(super) fn inspect(device: &Path, json: bool) -> Result<(), CmdError> {
             "binding": h.binding.as_ref().map(|b| b.volume_id.clone()),
             "primary": copy(&loaded.primary), "secondary": copy(&loaded.secondary),
             "slots": slots,
+            "in_progress": h.checkpoint.as_ref().map(|c| serde_json::json!({"kind": c.kind, "offset": c.offset})),
         });
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
@@ -58,6 +59,9 @@ pub(super) fn inspect(device: &Path, json: bool) -> Result<(), CmdError> {
     println!("  secondary:    {}", copy(&loaded.secondary));
     if let Some(b) = &h.binding {
         println!("  bound to:     {}", b.volume_id);
+    }
+    if let Some(c) = &h.checkpoint {
+        println!("  in progress:  unfinished {} (offset {}): rerun `nbdcrypt {}` to finish", c.kind, c.offset, c.kind);
     }
     println!("  key slots:");
     for s in &h.slots {

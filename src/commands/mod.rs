@@ -20,6 +20,7 @@ mod format;
 mod header_tools;
 mod inspect;
 mod keyslot;
+mod migrate;
 mod rewrap;
 mod serve;
 
@@ -35,6 +36,8 @@ pub enum CmdError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Migrate(#[from] crate::migrate::MigrateError),
     /// The TLS certificate, key or CA could not be loaded.
     #[error("TLS setup failed")]
     Tls(#[from] crate::tls::TlsError),
@@ -64,6 +67,7 @@ impl CmdError {
     pub fn exit_code(&self) -> i32 {
         match self {
             CmdError::Volume(v) => v.exit_code(),
+            CmdError::Migrate(m) => m.exit_code(),
             CmdError::Header(_) => 4,
             CmdError::Key(KeyError::UnwrapFailed) => 3,
             CmdError::Refused(_) => 5,
@@ -94,6 +98,10 @@ pub async fn run(command: Command) -> Result<(), CmdError> {
         Command::Keyslot(cmd) => keyslot::run(cmd).await,
         Command::Rewrap(args) => rewrap::rewrap(args).await,
         Command::Header(cmd) => header_tools::run(cmd).await,
+        Command::Migrate(args) => migrate::migrate(args).await,
+        Command::Encrypt(args) => migrate::encrypt(args).await,
+        Command::Reencrypt(args) => migrate::reencrypt(args).await,
+        Command::Decrypt(args) => migrate::decrypt(args).await,
         Command::Benchmark { seconds } => inspect::benchmark(seconds),
         Command::Status { target, json } => control::status(&target, json).await,
         Command::Suspend { target, export } => control::suspend(&target, export).await,
