@@ -15,6 +15,7 @@
 //! kek_files = ["../var/demo.kek"]
 //! read_only = false
 //! allow_discards = false
+//! direct = false                    # O_DIRECT on the raw volume (qemu cache=none)
 //! description = "demo volume"
 //! # Create and format the device on first start if (and only if) the file does not exist.
 //! create = { size = "1G", sector_size = 4096 }
@@ -104,6 +105,8 @@ struct RawExport {
     #[serde(default)]
     allow_discards: bool,
     #[serde(default)]
+    direct: bool,
+    #[serde(default)]
     description: String,
     #[serde(default)]
     create: Option<RawCreate>,
@@ -137,6 +140,8 @@ pub struct ExportConfig {
     pub kek_files: Vec<PathBuf>,
     pub read_only: bool,
     pub allow_discards: bool,
+    /// Bypass the page cache on the raw volume (`O_DIRECT`).
+    pub direct: bool,
     pub description: String,
     pub create: Option<CreateConfig>,
 }
@@ -202,6 +207,7 @@ impl Config {
                 kek_files: e.kek_files.iter().map(|p| resolve(p)).collect(),
                 read_only: e.read_only,
                 allow_discards: e.allow_discards,
+                direct: e.direct,
                 description: e.description,
                 create,
             });

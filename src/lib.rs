@@ -12,8 +12,9 @@
 //!   in-flight requests and flushes before exit.
 //! - [`export`]: one served volume: geometry, the sector cipher, read-modify-write for I/O that
 //!   is not sector-aligned, and the one place where failures become NBD errnos.
-//! - [`backend`]: the raw volume (file or block device) behind a narrow trait, plus an
-//!   in-memory fake for tests.
+//! - [`backend`]: the raw volume (file or block device, buffered or `O_DIRECT`) behind a
+//!   narrow trait, plus an in-memory fake for tests.
+//! - [`buf`]: page-aligned I/O buffers and the per-connection pool that recycles them.
 //! - [`crypto`]: key material types ([`crypto::VolumeKey`]) and AES-256-XTS-plain64.
 //! - [`header`]: the on-disk header (two copies, sequence number, checksum, MAC, key slots).
 //! - [`keys`]: key providers that wrap and unwrap the volume key.
@@ -21,6 +22,7 @@
 //! - [`cli`], [`config`], [`commands`]: the command line, the TOML config, and the commands.
 
 pub mod backend;
+pub mod buf;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -17,6 +17,10 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::nbd::handshake::{self, Catalog};
 use crate::nbd::transmission::{self, Limits};
 
+/// Send buffer asked for on Unix-socket connections (the default, about 200 KiB, makes a
+/// 1 MiB reply take several writes and wake-ups; TCP autotunes its own).
+const UNIX_SNDBUF: usize = 2 << 20;
+
 /// Where to listen.
 #[derive(Debug, Clone)]
 pub enum ListenAddr {
@@ -145,7 +149,12 @@ async fn accept_loop(listener: Listener, mut ctx: AcceptCtx) {
                     let _ = s.set_nodelay(true);
                     connection(s, peer, c).await
                 }
-                Stream::Unix(s) => connection(s, peer, c).await,
+                Stream::Unix(s) => {
+                    // Room for a whole large reply per write: fewer partial writes and
+                    // wake-ups (the kernel caps it at net.core.wmem_max).
+                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SNDBUF);
+                    connection(s, peer, c).await
+                }
             }
         });
     }

@@ -57,9 +57,9 @@ impl Unlocked {
     }
 }
 
-/// Opens the raw volume at `path`.
-pub fn open_backend(path: &std::path::Path, writable: bool) -> Result<Arc<dyn Backend>, VolumeError> {
-    let b = FileBackend::open(path, writable)
+/// Opens the raw volume at `path` (with `direct`, bypassing the page cache).
+pub fn open_backend(path: &std::path::Path, writable: bool, direct: bool) -> Result<Arc<dyn Backend>, VolumeError> {
+    let b = FileBackend::open_with(path, writable, direct)
         .map_err(|source| VolumeError::Open { path: path.display().to_string(), source })?;
     Ok(Arc::new(b))
 }

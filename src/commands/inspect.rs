@@ -1,12 +1,10 @@
-//! `nbdcrypt inspect` (the header, never key material) and `nbdcrypt benchmark`.
+//! `nbdcrypt inspect`: the header, never key material.
 
 use std::path::Path;
-use std::time::Duration;
 
 use super::{io_err, CmdError};
 use crate::backend::FileBackend;
 use crate::header::store;
-use crate::units::SectorSize;
 
 pub(super) fn inspect(device: &Path, json: bool) -> Result<(), CmdError> {
     let dev = FileBackend::open(device, false).map_err(io_err(format!("cannot open {}", device.display())))?;
@@ -57,19 +55,6 @@ pub(super) fn inspect(device: &Path, json: bool) -> Result<(), CmdError> {
     for s in &h.slots {
         let ctx: Vec<_> = s.context.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("    {}: {} {} (context {})", s.id, s.provider, s.key_id, ctx.join(","));
-    }
-    Ok(())
-}
-
-pub(super) fn benchmark(seconds: f64) -> Result<(), CmdError> {
-    let d = Duration::from_secs_f64(seconds.clamp(0.05, 60.0));
-    println!("# aes-xts-plain64, 512-bit key, AWS-LC, one thread");
-    println!("{:>8} {:>10} {:>14}", "sector", "request", "encrypt");
-    for ss in [SectorSize::S512, SectorSize::S4096] {
-        for req in [4096usize, 64 << 10, 1 << 20] {
-            let enc = crate::crypto::xts::measure_throughput(ss, req, d);
-            println!("{:>8} {:>9}K {:>8.1} MiB/s", ss.bytes(), req >> 10, enc / 1048576.0);
-        }
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use crate::header::HeaderError;
 use crate::keys::{local, KeyError, KeyProvider, KeySpec};
 use crate::volume::VolumeError;
 
+mod benchmark;
 mod format;
 mod inspect;
 mod serve;
@@ -66,7 +67,7 @@ pub async fn run(command: Command) -> Result<(), CmdError> {
         Command::Format(args) => format::format(args).await,
         Command::Serve(args) => serve::serve(args).await,
         Command::Inspect { device, json } => inspect::inspect(&device, json),
-        Command::Benchmark { seconds } => inspect::benchmark(seconds),
+        Command::Benchmark(args) => benchmark::benchmark(args).await,
     }
 }
 

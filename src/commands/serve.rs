@@ -51,6 +51,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
                 kek_files: args.kek_file.clone(),
                 read_only: args.read_only,
                 allow_discards: args.allow_discards,
+                direct: args.direct,
                 description: String::new(),
                 create: None,
             };
@@ -124,7 +125,7 @@ async fn open_export(cfg: &ExportConfig) -> Result<Arc<Export>, CmdError> {
     for path in &cfg.kek_files {
         providers.push(Box::new(local::LocalProvider::load(path)?));
     }
-    let backend = volume::open_backend(&cfg.device, !cfg.read_only)?;
+    let backend = volume::open_backend(&cfg.device, !cfg.read_only, cfg.direct)?;
     let unlocked = volume::unlock_backend(backend.clone(), &providers).await?;
     let slot = unlocked.slot;
     let opts = ExportOptions {
