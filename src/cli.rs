@@ -1,6 +1,7 @@
 //! The command line (clap derive). Parsing only; the commands live in `commands`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
@@ -49,14 +50,24 @@ pub enum Command {
         after_help = "Examples:\n  nbdcrypt serve /dev/nvme1n1 --kek-file /etc/nbdcrypt/vol1.kek --export vol1\n  nbdcrypt serve --config /etc/nbdcrypt/vol1.toml\n  nbdinfo nbd://127.0.0.1:10809/vol1"
     )]
     Serve(ServeArgs),
-    /// Print the header: version, uuid, cipher, geometry, key slots. Never key material.
-    #[command(after_help = "Example:\n  nbdcrypt inspect /dev/nvme1n1 --json")]
-    Inspect {
-        device: PathBuf,
-        /// Print JSON instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Print the header: version, uuid, cipher, geometry, key slots. Never key material,
+    /// except with --dump-volume-key (emergency access).
+    #[command(
+        after_help = "Examples:\n  nbdcrypt inspect /dev/nvme1n1 --json\n  nbdcrypt inspect /dev/nvme1n1 --dump-volume-key --kek-file recovery.kek"
+    )]
+    Inspect(InspectArgs),
+    /// List, add or remove key slots (copies of the volume key wrapped by different keys).
+    #[command(subcommand)]
+    Keyslot(KeyslotCommand),
+    /// Rewrap one key slot under another key (KMS ReEncrypt when both are KMS keys); the
+    /// data is not re-encrypted.
+    #[command(
+        after_help = "Example:\n  nbdcrypt rewrap /dev/nvme1n1 --slot 0 --to aws-kms:arn:aws:kms:eu-west-1:111122223333:key/NEW"
+    )]
+    Rewrap(RewrapArgs),
+    /// Back up, restore or repair the header.
+    #[command(subcommand)]
+    Header(HeaderCommand),
     /// Measure the sector cipher's throughput on this CPU (like `cryptsetup benchmark`), and
     /// optionally the whole request path over a temporary file (--e2e).
     #[command(
@@ -98,9 +109,138 @@ pub struct FormatArgs {
     /// Extra encryption-context pairs (k=v), recorded in the header.
     #[arg(long = "context", value_parser = parse_kv)]
     pub context: Vec<(String, String)>,
+    /// Bind the header to this cloud volume id (e.g. vol-0123456789abcdef0): recorded under
+    /// the MAC and in the encryption context; `serve` warns (or refuses, --strict-binding)
+    /// when the device is another volume.
+    #[arg(long)]
+    pub bind_volume_id: Option<String>,
     /// Format even if the device already holds an nbdcrypt header or looks like it holds data.
     #[arg(long)]
     pub yes: bool,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+/// How to reach AWS KMS (for aws-kms keys and slots). Credentials and region come from the
+/// default AWS chain (env, profile, SSO, instance profile); a key ARN names its own region.
+#[derive(Debug, Clone, Args)]
+pub struct KmsArgs {
+    /// Total time allowed for each KMS operation, retries included (e.g. 30s, 1500ms).
+    #[arg(long, env = "NBDCRYPT_KMS_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub kms_timeout: Duration,
+    /// KMS endpoint URL (default: AWS_ENDPOINT_URL_KMS, AWS_ENDPOINT_URL, or the region's).
+    #[arg(long, env = "NBDCRYPT_KMS_ENDPOINT")]
+    pub kms_endpoint: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    pub device: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Unlock the volume and print its plaintext key and a dm-crypt table line (emergency
+    /// access without nbdcrypt). Asks for confirmation unless --yes.
+    #[arg(long)]
+    pub dump_volume_key: bool,
+    /// Do not ask for confirmation before printing the key.
+    #[arg(long, requires = "dump_volume_key")]
+    pub yes: bool,
+    /// Local KEK file(s) that may unlock a slot (aws-kms slots need no flag).
+    #[arg(long, requires = "dump_volume_key")]
+    pub kek_file: Vec<PathBuf>,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyslotCommand {
+    /// List the key slots (provider, key, encryption context, creation time).
+    #[command(after_help = "Example:\n  nbdcrypt keyslot list /dev/nvme1n1")]
+    List {
+        device: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a slot: unlock through an existing slot, wrap the same volume key with another key.
+    #[command(
+        after_help = "Examples:\n  nbdcrypt keyslot add /dev/nvme1n1 --key local:/root/recovery.kek\n  nbdcrypt keyslot add /dev/nvme1n1 --key aws-kms:arn:aws:kms:us-west-2:111122223333:key/ID --kek-file /root/recovery.kek"
+    )]
+    Add(KeyslotAddArgs),
+    /// Remove a slot (never the last one). Another slot must unlock the volume first.
+    #[command(
+        after_help = "Example:\n  nbdcrypt keyslot remove /dev/nvme1n1 --slot 0 --kek-file /root/recovery.kek --yes"
+    )]
+    Remove(KeyslotRemoveArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KeyslotAddArgs {
+    pub device: PathBuf,
+    /// The new slot's key: local:KEKFILE or aws-kms:KEY.
+    #[arg(long)]
+    pub key: KeySpec,
+    /// Extra encryption-context pairs (k=v) for the new slot.
+    #[arg(long = "context", value_parser = parse_kv)]
+    pub context: Vec<(String, String)>,
+    /// Local KEK file(s) that may unlock an existing slot.
+    #[arg(long)]
+    pub kek_file: Vec<PathBuf>,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeyslotRemoveArgs {
+    pub device: PathBuf,
+    /// The slot to remove.
+    #[arg(long)]
+    pub slot: u32,
+    /// Do not ask for confirmation.
+    #[arg(long)]
+    pub yes: bool,
+    /// Local KEK file(s) that may unlock one of the remaining slots.
+    #[arg(long)]
+    pub kek_file: Vec<PathBuf>,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RewrapArgs {
+    pub device: PathBuf,
+    /// The slot to rewrap.
+    #[arg(long)]
+    pub slot: u32,
+    /// The new key: aws-kms:KEY (ReEncrypt inside KMS when the slot is KMS too) or local:KEKFILE.
+    #[arg(long)]
+    pub to: KeySpec,
+    /// Local KEK file(s) that may unlock a slot (needed unless both sides are KMS).
+    #[arg(long)]
+    pub kek_file: Vec<PathBuf>,
+    #[command(flatten)]
+    pub kms: KmsArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HeaderCommand {
+    /// Write the header to FILE (1 MiB, mode 0600; an existing file is never overwritten).
+    #[command(after_help = "Example:\n  nbdcrypt header backup /dev/nvme1n1 /root/vol1.header")]
+    Backup { device: PathBuf, file: PathBuf },
+    /// Write a header backup back to DEVICE (same volume uuid only). The key slots the
+    /// backup held come back, including any removed since.
+    #[command(after_help = "Example:\n  nbdcrypt header restore /root/vol1.header /dev/nvme1n1")]
+    Restore {
+        file: PathBuf,
+        device: PathBuf,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// Rewrite a damaged or stale header copy from the valid one.
+    #[command(after_help = "Example:\n  nbdcrypt header repair /dev/nvme1n1")]
+    Repair { device: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +273,15 @@ pub struct ServeArgs {
     /// block devices, whose data the client caches already.
     #[arg(long)]
     pub direct: bool,
+    /// The device's cloud volume id, compared with the header's binding (default: read from
+    /// the EBS NVMe serial number in sysfs).
+    #[arg(long, env = "NBDCRYPT_DEVICE_ID", conflicts_with = "config")]
+    pub device_id: Option<String>,
+    /// Refuse to serve a header bound to another volume (or whose device id is unknown).
+    #[arg(long)]
+    pub strict_binding: bool,
+    #[command(flatten)]
+    pub kms: KmsArgs,
 }
 
 fn parse_sector_size(s: &str) -> Result<u32, String> {
@@ -141,6 +290,26 @@ fn parse_sector_size(s: &str) -> Result<u32, String> {
         "4096" => Ok(4096),
         _ => Err("must be 512 or 4096".into()),
     }
+}
+
+/// `30`, `30s`, `1500ms`, `2m`: a duration, at most one hour.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => (&s[..i], &s[i..]),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("expected a duration like 30s or 1500ms, got {s:?}"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("unknown unit {unit:?} (use ms, s or m)")),
+    };
+    if d.is_zero() || d > Duration::from_secs(3600) {
+        return Err("must be more than 0 and at most 1 hour".into());
+    }
+    Ok(d)
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {

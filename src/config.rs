@@ -17,6 +17,10 @@
 //! allow_discards = false
 //! direct = false                    # O_DIRECT on the raw volume (qemu cache=none)
 //! description = "demo volume"
+//! # Clone awareness: the device's cloud volume id (default: from the EBS NVMe serial), and
+//! # whether a header bound to another volume is refused rather than only warned about.
+//! device_id = "vol-0123456789abcdef0"
+//! strict_binding = false
 //! # Create and format the device on first start if (and only if) the file does not exist.
 //! create = { size = "1G", sector_size = 4096 }
 //! ```
@@ -110,6 +114,10 @@ struct RawExport {
     description: String,
     #[serde(default)]
     create: Option<RawCreate>,
+    #[serde(default)]
+    device_id: Option<String>,
+    #[serde(default)]
+    strict_binding: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +152,10 @@ pub struct ExportConfig {
     pub direct: bool,
     pub description: String,
     pub create: Option<CreateConfig>,
+    /// The device's cloud volume id, compared with the header's binding (`None`: from sysfs).
+    pub device_id: Option<String>,
+    /// Refuse a header bound to another volume instead of warning.
+    pub strict_binding: bool,
 }
 
 /// Create-on-first-start of a demo volume file.
@@ -210,6 +222,8 @@ impl Config {
                 direct: e.direct,
                 description: e.description,
                 create,
+                device_id: e.device_id,
+                strict_binding: e.strict_binding,
             });
         }
         Ok(Config {

@@ -17,7 +17,9 @@
 //! - [`buf`]: page-aligned I/O buffers and the per-connection pool that recycles them.
 //! - [`crypto`]: key material types ([`crypto::VolumeKey`]) and AES-256-XTS-plain64.
 //! - [`header`]: the on-disk header (two copies, sequence number, checksum, MAC, key slots).
-//! - [`keys`]: key providers that wrap and unwrap the volume key.
+//! - [`keys`]: key providers that wrap and unwrap the volume key (a local KEK file, AWS KMS),
+//!   and the keyring that finds one for each key slot.
+//! - [`identity`]: which cloud volume a device is (EBS volume id), for the header's binding.
 //! - [`volume`]: opening a volume: read the header, unlock a slot, verify, build an export.
 //! - [`cli`], [`config`], [`commands`]: the command line, the TOML config, and the commands.
 
@@ -30,6 +32,7 @@ pub mod crypto;
 pub mod export;
 pub mod hardening;
 pub mod header;
+pub mod identity;
 pub mod keys;
 pub mod nbd;
 pub mod server;

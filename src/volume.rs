@@ -6,8 +6,8 @@ use std::sync::Arc;
 use crate::backend::{Backend, FileBackend};
 use crate::crypto::{CipherError, SectorCipher, VolumeKey};
 use crate::export::{Export, ExportOptions, Geometry};
-use crate::header::{self, store, Header, HeaderError};
-use crate::keys::{KeyError, KeyProvider};
+use crate::header::{self, store, Header, HeaderError, KeySlot};
+use crate::keys::{KeyError, ProviderSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -29,6 +29,19 @@ pub enum VolumeError {
     TooSmall { actual: u64, needed: u64 },
     #[error("cannot set up the sector cipher")]
     Cipher(#[from] CipherError),
+    /// The header is bound to another cloud volume than the device (`--strict-binding`).
+    #[error(
+        "the header is bound to volume {bound} but the device is {actual}: it was copied or cloned from \
+         another volume (refused by --strict-binding)"
+    )]
+    BindingMismatch { bound: String, actual: String },
+    /// The header is bound to a cloud volume but the device's identity is unknown
+    /// (`--strict-binding`).
+    #[error(
+        "the header is bound to volume {bound} but the device's volume id cannot be determined (give it with \
+         --device-id; refused by --strict-binding)"
+    )]
+    BindingUnknown { bound: String },
 }
 
 impl VolumeError {
@@ -36,7 +49,11 @@ impl VolumeError {
     pub fn exit_code(&self) -> i32 {
         match self {
             VolumeError::NoUsableSlot(_) | VolumeError::KeyMismatch { .. } => 3,
-            VolumeError::Header(_) | VolumeError::Tampered(_) | VolumeError::TooSmall { .. } => 4,
+            VolumeError::Header(_)
+            | VolumeError::Tampered(_)
+            | VolumeError::TooSmall { .. }
+            | VolumeError::BindingMismatch { .. }
+            | VolumeError::BindingUnknown { .. } => 4,
             VolumeError::Open { .. } | VolumeError::Cipher(_) => 1,
         }
     }
@@ -57,32 +74,93 @@ impl Unlocked {
     }
 }
 
-/// Opens the raw volume at `path` (with `direct`, bypassing the page cache).
-pub fn open_backend(path: &std::path::Path, writable: bool, direct: bool) -> Result<Arc<dyn Backend>, VolumeError> {
+/// Opens the raw volume at `path`, buffered.
+pub fn open_backend(path: &std::path::Path, writable: bool) -> Result<Arc<dyn Backend>, VolumeError> {
+    open_backend_with(path, writable, false)
+}
+
+/// Opens the raw volume at `path`; with `direct`, the data path bypasses the page cache.
+pub fn open_backend_with(
+    path: &std::path::Path,
+    writable: bool,
+    direct: bool,
+) -> Result<Arc<dyn Backend>, VolumeError> {
     let b = FileBackend::open_with(path, writable, direct)
         .map_err(|source| VolumeError::Open { path: path.display().to_string(), source })?;
     Ok(Arc::new(b))
 }
 
-/// Tries the header's slots in order with every provider that owns them; the first that
-/// unwraps a key matching the digest wins. A failed unwrap is reported, never cached.
-pub async fn unlock(header: &Header, providers: &[Box<dyn KeyProvider>]) -> Result<(VolumeKey, u32), VolumeError> {
+/// Tries the header's slots in order with the provider the source has for each; the first
+/// that unwraps a key matching the digest wins. A failed unwrap is reported, never cached.
+pub async fn unlock<S: ProviderSource + ?Sized>(header: &Header, source: &S) -> Result<(VolumeKey, u32), VolumeError> {
+    unlock_where(header, source, |_| true).await
+}
+
+/// [`unlock`] through the slots `usable` accepts only (e.g. every slot but the one being
+/// removed, to prove the volume stays reachable without it).
+pub async fn unlock_where<S: ProviderSource + ?Sized>(
+    header: &Header,
+    source: &S,
+    usable: impl Fn(&KeySlot) -> bool,
+) -> Result<(VolumeKey, u32), VolumeError> {
     let mut tried = Vec::new();
-    for slot in &header.slots {
-        let Some(p) = providers.iter().find(|p| p.owns(slot)) else {
-            tried.push(format!("slot {}: no {} key {} given", slot.id, slot.provider, slot.key_id));
-            continue;
+    for slot in header.slots.iter().filter(|s| usable(s)) {
+        let p = match source.provider_for(slot).await {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                tried.push(format!("slot {}: no {} key {} given", slot.id, slot.provider, slot.key_id));
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(slot = slot.id, provider = %slot.provider, error = %key_error_text(&e), "key slot unavailable");
+                tried.push(format!("slot {}: {}", slot.id, key_error_text(&e)));
+                continue;
+            }
         };
+        let started = std::time::Instant::now();
         match p.unwrap(slot).await {
-            Ok(key) if header.key_matches(&key) => return Ok((key, slot.id)),
+            Ok(key) if header.key_matches(&key) => {
+                tracing::info!(
+                    slot = slot.id, provider = %slot.provider, key_id = %slot.key_id,
+                    unwrap_ms = started.elapsed().as_millis() as u64, "key slot opened the volume"
+                );
+                return Ok((key, slot.id));
+            }
             Ok(_) => return Err(VolumeError::KeyMismatch { slot: slot.id }),
-            Err(e) => tried.push(format!("slot {}: {}", slot.id, key_error_text(&e))),
+            Err(e) => {
+                tracing::warn!(slot = slot.id, provider = %slot.provider, key_id = %slot.key_id, error = %key_error_text(&e), "key slot did not open");
+                tried.push(format!("slot {}: {}", slot.id, key_error_text(&e)));
+            }
         }
     }
-    if header.slots.is_empty() {
-        tried.push("the header has no key slots".into());
+    if tried.is_empty() {
+        tried.push("no key slot to try".into());
     }
     Err(VolumeError::NoUsableSlot(tried.join("; ")))
+}
+
+/// Checks the header's binding (a cloud volume id recorded at format) against the identity
+/// of the device it is read from. A mismatch means the header (or the whole volume) was
+/// copied: warn, or with `strict` refuse. Without a binding there is nothing to check.
+pub fn check_binding(header: &Header, device_id: Option<&str>, strict: bool) -> Result<(), VolumeError> {
+    let Some(b) = &header.binding else {
+        return Ok(());
+    };
+    match device_id {
+        Some(actual) if crate::identity::same_volume(&b.volume_id, actual) => Ok(()),
+        Some(actual) if strict => {
+            Err(VolumeError::BindingMismatch { bound: b.volume_id.clone(), actual: actual.to_owned() })
+        }
+        Some(actual) => {
+            tracing::warn!(bound = %b.volume_id, device = %actual, "the header is bound to another volume than this device: it was copied or cloned (--strict-binding refuses this)");
+            Ok(())
+        }
+        None if strict => Err(VolumeError::BindingUnknown { bound: b.volume_id.clone() }),
+        None => {
+            tracing::warn!(bound = %b.volume_id, "the header is bound to a volume but this device's volume id is unknown; binding not checked (give --device-id)");
+            Ok(())
+        }
+    }
 }
 
 fn key_error_text(e: &KeyError) -> String {
@@ -90,15 +168,26 @@ fn key_error_text(e: &KeyError) -> String {
 }
 
 /// Reads the header of `backend` and unlocks it.
-pub async fn unlock_backend(
+pub async fn unlock_backend<S: ProviderSource + ?Sized>(
     backend: Arc<dyn Backend>,
-    providers: &[Box<dyn KeyProvider>],
+    source: &S,
+) -> Result<Unlocked, VolumeError> {
+    unlock_backend_checked(backend, source, |_| Ok(())).await
+}
+
+/// [`unlock_backend`], running `precheck` on the header before any key provider is asked
+/// (so that a refused binding never reaches KMS).
+pub async fn unlock_backend_checked<S: ProviderSource + ?Sized>(
+    backend: Arc<dyn Backend>,
+    source: &S,
+    precheck: impl FnOnce(&Header) -> Result<(), VolumeError>,
 ) -> Result<Unlocked, VolumeError> {
     let loaded = store::load(backend.as_ref())?;
     if loaded.is_degraded() {
         tracing::warn!(primary = ?loaded.primary, secondary = ?loaded.secondary, "header copy damaged or stale; opened from the valid copy (run `nbdcrypt header repair`)");
     }
-    let (key, slot) = unlock(&loaded.header, providers).await?;
+    precheck(&loaded.header)?;
+    let (key, slot) = unlock(&loaded.header, source).await?;
     loaded.header.verify_mac(&key).map_err(VolumeError::Tampered)?;
     let h = &loaded.header;
     let needed = h
@@ -123,3 +212,96 @@ pub fn into_export(u: Unlocked, opts: ExportOptions) -> Result<(Arc<Export>, Hea
 
 /// Re-export for commands that only need the constant.
 pub const DEFAULT_DATA_OFFSET: u64 = header::DEFAULT_DATA_OFFSET;
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::crypto::Kek;
+    use crate::header::{Binding, KeySlot};
+    use crate::keys::{kms, KeyProvider, Keyring, LocalProvider};
+    use crate::units::SectorSize;
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(f)
+    }
+
+    fn local() -> LocalProvider {
+        LocalProvider::from_kek(Kek::generate().unwrap(), Path::new("/test.kek"))
+    }
+
+    /// A header with one slot per provider, all wrapping the same key.
+    fn header_with(providers: &[&dyn KeyProvider], binding: Option<&str>) -> (Header, VolumeKey) {
+        let key = VolumeKey::generate().unwrap();
+        let uuid = uuid::Uuid::new_v4();
+        let binding = binding.map(|b| Binding { volume_id: b.into() });
+        let mut h = Header::new(uuid, SectorSize::S4096, DEFAULT_DATA_OFFSET, 1 << 20, binding, &key).unwrap();
+        for (id, p) in providers.iter().enumerate() {
+            let ctx = crate::keys::slot_context(&uuid, None, &[]).unwrap();
+            let w = block_on(p.wrap(&key, &ctx)).unwrap();
+            h.slots.push(KeySlot {
+                id: id as u32,
+                provider: p.kind().into(),
+                key_id: w.key_id,
+                wrapped: w.ciphertext,
+                context: ctx,
+                created: 0,
+            });
+        }
+        (h, key)
+    }
+
+    #[test]
+    fn unlock_uses_the_first_slot_a_provider_opens() {
+        let (a, b) = (local(), local());
+        let (h, key) = header_with(&[&a, &b], None);
+        let ring = Keyring::with_providers(vec![Box::new(local()), Box::new(b)]);
+        let (got, slot) = block_on(unlock(&h, &ring)).unwrap();
+        assert_eq!((got.expose(), slot), (key.expose(), 1));
+    }
+
+    #[test]
+    fn unlock_where_skips_excluded_slots() {
+        let a = local();
+        let (h, _) = header_with(&[&a], None);
+        let ring = Keyring::with_providers(vec![Box::new(a)]);
+        let err = block_on(unlock_where(&h, &ring, |s| s.id != 0)).unwrap_err();
+        assert!(matches!(err, VolumeError::NoUsableSlot(_)), "{err}");
+    }
+
+    #[test]
+    fn a_kms_slot_without_kms_is_reported_not_fatal() {
+        let a = local();
+        let (mut h, key) = header_with(&[&a], None);
+        let mut kms_slot = h.slots[0].clone();
+        kms_slot.id = 5;
+        kms_slot.provider = kms::KIND.into();
+        kms_slot.key_id = "arn:aws:kms:eu-west-1:111122223333:key/x".into();
+        h.slots.insert(0, kms_slot);
+        let ring = Keyring::with_providers(vec![Box::new(a)]);
+        let (got, slot) = block_on(unlock(&h, &ring)).unwrap();
+        assert_eq!((got.expose(), slot), (key.expose(), 0));
+    }
+
+    #[test]
+    fn a_plain_provider_list_still_works() {
+        let a = local();
+        let (h, _) = header_with(&[&a], None);
+        let providers: Vec<Box<dyn KeyProvider>> = vec![Box::new(a)];
+        assert_eq!(block_on(unlock(&h, &providers)).unwrap().1, 0);
+    }
+
+    #[test]
+    fn binding_check_warns_or_refuses() {
+        let (h, _) = header_with(&[], Some("vol-0abc"));
+        assert!(check_binding(&h, Some("vol0ABC"), true).is_ok());
+        assert!(check_binding(&h, Some("vol-0def"), false).is_ok());
+        assert!(matches!(check_binding(&h, Some("vol-0def"), true), Err(VolumeError::BindingMismatch { .. })));
+        assert!(check_binding(&h, None, false).is_ok());
+        assert!(matches!(check_binding(&h, None, true), Err(VolumeError::BindingUnknown { .. })));
+        let (unbound, _) = header_with(&[], None);
+        assert!(check_binding(&unbound, Some("vol-0def"), true).is_ok());
+        assert_eq!(VolumeError::BindingUnknown { bound: "x".into() }.exit_code(), 4);
+    }
+}

@@ -126,11 +126,11 @@ fn nbdsh_many_concurrent_requests_match_a_shadow_copy() {
     for sector in [4096u32, 512] {
         let vol = Volume::new(12 << 20, sector);
         let d = Daemon::start(&vol, &[]);
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/concurrent.py");
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nbd_shadow_workload.py");
         let out = run("/usr/bin/python3", &[script, &d.uri, "3000", &sector.to_string()]);
         assert!(
             out.status.success(),
-            "concurrent.py failed:\n{}\n{}",
+            "nbd_shadow_workload.py failed:\n{}\n{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );

@@ -15,7 +15,7 @@ APT_PACKAGES=(
     libnbd-bin nbdfuse python3-libnbd nbdkit fio qemu-utils fuse3 e2fsprogs util-linux
     python3-cryptography jq openssl gawk coreutils procps
 )
-PIP_PACKAGES=("moto[server]" cryptography)
+PIP_PACKAGES=("moto[server]" boto3 cryptography)
 
 install_deps() {
     local missing=() p
@@ -28,9 +28,12 @@ install_deps() {
         apt-get update -qq
         apt-get install -y -qq "${missing[@]}" >/dev/null
     fi
-    if ! python3 -c 'import moto, cryptography' 2>/dev/null; then
+    if ! python3 -c 'import moto.server, boto3, cryptography' 2>/dev/null; then
         log "pip install ${PIP_PACKAGES[*]}"
-        python3 -m pip install -q "${PIP_PACKAGES[@]}"
+        # Debian 12+ marks the system Python as externally managed (PEP 668); these are
+        # test-only packages on a CI machine, so install over that marker if pip refuses.
+        python3 -m pip install -q "${PIP_PACKAGES[@]}" ||
+            python3 -m pip install -q --break-system-packages "${PIP_PACKAGES[@]}"
     fi
     command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1 || { log "fio lacks the nbd engine"; exit 1; }
 }

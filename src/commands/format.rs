@@ -1,12 +1,10 @@
 //! `nbdcrypt format`: refuse devices that hold data, then write a fresh header with one slot.
 
-use std::collections::BTreeMap;
-
 use super::{io_err, now_secs, provider_for, CmdError};
 use crate::backend::{Backend, FileBackend};
 use crate::cli::FormatArgs;
-use crate::header::{self, store, Header, KeySlot};
-use crate::keys::{self, EncryptionContext, KeyProvider};
+use crate::header::{self, store, Binding, Header, KeySlot};
+use crate::keys::{self, KeyProvider};
 use crate::units::SectorSize;
 
 /// Known signatures of things worth not overwriting: (offset, bytes, name).
@@ -39,7 +37,12 @@ fn looks_used(dev: &dyn Backend) -> Result<Option<String>, CmdError> {
 pub(super) async fn format(args: FormatArgs) -> Result<(), CmdError> {
     let sector =
         SectorSize::new(args.sector_size).ok_or_else(|| CmdError::Usage("--sector-size must be 512 or 4096".into()))?;
-    let provider = provider_for(&args.key)?;
+    if let Some(id) = &args.bind_volume_id {
+        if id.is_empty() || id.len() > header::MAX_SHORT_STRING {
+            return Err(CmdError::Usage(format!("--bind-volume-id must be 1 to {} bytes", header::MAX_SHORT_STRING)));
+        }
+    }
+    let provider = provider_for(&args.key, &args.kms).await?;
     let dev =
         FileBackend::open(&args.device, true).map_err(io_err(format!("cannot open {}", args.device.display())))?;
     if !args.yes {
@@ -56,8 +59,8 @@ pub(super) async fn format(args: FormatArgs) -> Result<(), CmdError> {
             )));
         }
     }
-    let ctx: Vec<_> = args.context.into_iter().collect();
-    let header = format_backend(&dev, provider.as_ref(), sector, ctx).await?;
+    let binding = args.bind_volume_id.map(|volume_id| Binding { volume_id });
+    let header = format_backend_bound(&dev, provider.as_ref(), sector, args.context, binding).await?;
     println!(
         "formatted {}: uuid {}, aes-xts-plain64, {}-byte sectors, data {} bytes at offset {}, slot 0 = {} {}",
         args.device.display(),
@@ -68,6 +71,9 @@ pub(super) async fn format(args: FormatArgs) -> Result<(), CmdError> {
         header.slots[0].provider,
         header.slots[0].key_id
     );
+    if let Some(b) = &header.binding {
+        println!("bound to volume {}", b.volume_id);
+    }
     Ok(())
 }
 
@@ -78,6 +84,18 @@ pub async fn format_backend(
     sector: SectorSize,
     extra_context: Vec<(String, String)>,
 ) -> Result<Header, CmdError> {
+    format_backend_bound(dev, provider, sector, extra_context, None).await
+}
+
+/// [`format_backend`] with an optional binding to a cloud volume id, which goes under the
+/// header MAC and into the slot's encryption context.
+pub async fn format_backend_bound(
+    dev: &dyn Backend,
+    provider: &dyn KeyProvider,
+    sector: SectorSize,
+    extra_context: Vec<(String, String)>,
+    binding: Option<Binding>,
+) -> Result<Header, CmdError> {
     let data_offset = header::DEFAULT_DATA_OFFSET;
     let min = data_offset + (1 << 20);
     if dev.size() < min {
@@ -85,16 +103,10 @@ pub async fn format_backend(
     }
     let data_size = sector.align_down(dev.size() - data_offset);
     let uuid = uuid::Uuid::new_v4();
-    let mut ctx: EncryptionContext = BTreeMap::new();
-    for (k, v) in extra_context {
-        if k == keys::CONTEXT_VOLUME {
-            return Err(CmdError::Usage(format!("context key {k} is reserved")));
-        }
-        ctx.insert(k, v);
-    }
-    ctx.insert(keys::CONTEXT_VOLUME.into(), uuid.to_string());
+    let ctx = keys::slot_context(&uuid, binding.as_ref().map(|b| b.volume_id.as_str()), &extra_context)
+        .map_err(CmdError::Usage)?;
     let (key, wrapped) = provider.generate(&ctx).await?;
-    let mut h = Header::new(uuid, sector, data_offset, data_size, None, &key)?;
+    let mut h = Header::new(uuid, sector, data_offset, data_size, binding, &key)?;
     h.slots.push(KeySlot {
         id: 0,
         provider: provider.kind().into(),

@@ -1,10 +1,16 @@
-//! `nbdcrypt inspect`: the header, never key material.
+//! `nbdcrypt inspect` (the header, never key material), `inspect --dump-volume-key` (the one
+//! place a plaintext key is ever printed, for emergency access).
 
+use std::io::Write;
 use std::path::Path;
 
-use super::{io_err, CmdError};
+use zeroize::Zeroizing;
+
+use super::{confirm, io_err, keyring, CmdError};
 use crate::backend::FileBackend;
-use crate::header::store;
+use crate::cli::InspectArgs;
+use crate::header::{store, Header};
+use crate::volume;
 
 pub(super) fn inspect(device: &Path, json: bool) -> Result<(), CmdError> {
     let dev = FileBackend::open(device, false).map_err(io_err(format!("cannot open {}", device.display())))?;
@@ -57,4 +63,99 @@ pub(super) fn inspect(device: &Path, json: bool) -> Result<(), CmdError> {
         println!("    {}: {} {} (context {})", s.id, s.provider, s.key_id, ctx.join(","));
     }
     Ok(())
+}
+
+/// Unlocks the volume and prints its key and the dm-crypt table line that maps the data area
+/// with the kernel's dm-crypt, so the data stays readable without nbdcrypt. Every string that
+/// holds the key is zeroized when dropped.
+pub(super) async fn dump_volume_key(args: InspectArgs) -> Result<(), CmdError> {
+    if let Err(e) = crate::hardening::disable_core_dumps() {
+        tracing::warn!(error = %e, "could not disable core dumps");
+    }
+    confirm(
+        &format!(
+            "print the plaintext volume key of {} (whoever sees it can decrypt the volume with no key provider)",
+            args.device.display()
+        ),
+        args.yes,
+    )?;
+    let ring = keyring(&args.kek_file, &args.kms)?;
+    let backend = volume::open_backend(&args.device, false)?;
+    let u = volume::unlock_backend(backend, &ring).await?;
+    let h = u.header();
+    let key_hex = Zeroizing::new(hex::encode(u.key.expose()));
+    let device = args.device.display().to_string();
+    let table = dmcrypt_table(h, &key_hex, &device);
+    let out = if args.json {
+        let table_json = Zeroizing::new(serde_json::to_string(table.as_str()).unwrap_or_default());
+        let device_json = serde_json::to_string(&device).unwrap_or_default();
+        Zeroizing::new(format!(
+            "{{\"device\":{device_json},\"uuid\":\"{}\",\"slot\":{},\"cipher\":\"{}\",\"volume_key\":\"{}\",\
+             \"sector_size\":{},\"data_offset\":{},\"data_size\":{},\"dmcrypt_table\":{}}}\n",
+            h.uuid,
+            u.slot,
+            h.cipher,
+            key_hex.as_str(),
+            h.sector_size.bytes(),
+            h.data_offset,
+            h.data_size,
+            table_json.as_str()
+        ))
+    } else {
+        Zeroizing::new(format!(
+            "volume key ({}, 512 bits, opened through slot {}):\n{}\n\ndm-crypt table (dmsetup create NAME --table '...'; \
+             a file needs a loop device first):\n{}\n",
+            h.cipher,
+            u.slot,
+            key_hex.as_str(),
+            table.as_str()
+        ))
+    };
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(out.as_bytes()).and_then(|_| stdout.flush()).map_err(io_err("writing to stdout"))?;
+    tracing::warn!(device = %device, slot = u.slot, "printed the plaintext volume key");
+    Ok(())
+}
+
+/// The dm-crypt table line for the data area (kernel `dm-crypt.rst`):
+/// `<start> <size> crypt <cipher> <key> <iv_offset> <device> <offset> [<#opt_params> <opt_params>]`,
+/// sizes and offsets in 512-byte sectors. nbdcrypt's tweak counts sectors of the volume's
+/// sector size from the start of the data area: iv_offset 0, and for 4096-byte sectors the
+/// two options `sector_size:4096` and `iv_large_sectors` (IVs in sector-size units, as LUKS2).
+fn dmcrypt_table(h: &Header, key_hex: &str, device: &str) -> Zeroizing<String> {
+    let opts = match h.sector_size.bytes() {
+        512 => String::new(),
+        ss => format!(" 2 sector_size:{ss} iv_large_sectors"),
+    };
+    Zeroizing::new(format!(
+        "0 {} crypt {} {key_hex} 0 {device} {}{opts}",
+        h.data_size / 512,
+        h.cipher,
+        h.data_offset / 512
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::VolumeKey;
+    use crate::header::DEFAULT_DATA_OFFSET;
+    use crate::units::SectorSize;
+
+    fn header(ss: SectorSize) -> Header {
+        let key = VolumeKey::from_slice(&[7u8; 64]).unwrap();
+        Header::new(uuid::Uuid::nil(), ss, DEFAULT_DATA_OFFSET, 8 << 20, None, &key).unwrap()
+    }
+
+    #[test]
+    fn dmcrypt_table_for_4096_byte_sectors_counts_both_options() {
+        let t = dmcrypt_table(&header(SectorSize::S4096), "ab", "/dev/x");
+        assert_eq!(t.as_str(), "0 16384 crypt aes-xts-plain64 ab 0 /dev/x 4096 2 sector_size:4096 iv_large_sectors");
+    }
+
+    #[test]
+    fn dmcrypt_table_for_512_byte_sectors_has_no_options() {
+        let t = dmcrypt_table(&header(SectorSize::S512), "ab", "/dev/x");
+        assert_eq!(t.as_str(), "0 16384 crypt aes-xts-plain64 ab 0 /dev/x 4096");
+    }
 }

@@ -1,17 +1,23 @@
 //! The commands behind the CLI, one module each. Each returns a [`CmdError`] whose
-//! `exit_code` the thin `main` uses; nothing here prints key material.
+//! `exit_code` the thin `main` uses. Nothing here prints key material, except
+//! `inspect --dump-volume-key` (emergency access, confirmed by the operator).
 
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::cli::Command;
+use crate::cli::{Command, KmsArgs};
 use crate::config::ConfigError;
 use crate::header::HeaderError;
-use crate::keys::{local, KeyError, KeyProvider, KeySpec};
+use crate::keys::{local, KeyError, KeyProvider, KeySpec, Keyring, KmsOptions};
 use crate::volume::VolumeError;
 
 mod benchmark;
 mod format;
+mod header_tools;
 mod inspect;
+mod keyslot;
+mod rewrap;
 mod serve;
 
 pub use format::format_backend;
@@ -66,16 +72,66 @@ pub async fn run(command: Command) -> Result<(), CmdError> {
         }
         Command::Format(args) => format::format(args).await,
         Command::Serve(args) => serve::serve(args).await,
-        Command::Inspect { device, json } => inspect::inspect(&device, json),
+        Command::Inspect(args) if args.dump_volume_key => inspect::dump_volume_key(args).await,
+        Command::Inspect(args) => inspect::inspect(&args.device, args.json),
+        Command::Keyslot(cmd) => keyslot::run(cmd).await,
+        Command::Rewrap(args) => rewrap::rewrap(args).await,
+        Command::Header(cmd) => header_tools::run(cmd).await,
         Command::Benchmark(args) => benchmark::benchmark(args).await,
     }
 }
 
-/// Builds a provider from a `--key` spec.
-pub fn provider_for(spec: &KeySpec) -> Result<Box<dyn KeyProvider>, CmdError> {
-    match spec {
-        KeySpec::Local(path) => Ok(Box::new(local::LocalProvider::load(path)?)),
-        KeySpec::AwsKms(_) => Err(CmdError::Usage("the aws-kms provider is not available in this build yet".into())),
+/// Builds a provider from a `--key` spec (a KEK file, or a KMS key reached with `kms`).
+pub async fn provider_for(spec: &KeySpec, kms: &KmsArgs) -> Result<Box<dyn KeyProvider>, CmdError> {
+    Ok(Keyring::new(&[], kms_options(kms))?.provider_for_spec(spec).await?)
+}
+
+/// The KMS settings of the command line.
+pub fn kms_options(kms: &KmsArgs) -> KmsOptions {
+    KmsOptions { timeout: kms.kms_timeout, endpoint: kms.kms_endpoint.clone() }
+}
+
+/// The keys a command may unlock with: the KEK files given, and KMS for aws-kms slots.
+pub fn keyring(kek_files: &[PathBuf], kms: &KmsArgs) -> Result<Keyring, CmdError> {
+    Ok(Keyring::new(kek_files, kms_options(kms))?)
+}
+
+/// An exclusive advisory lock (`flock`) on the device, held while a command reads, changes
+/// and writes the header, so that two nbdcrypt commands changing the same header at once
+/// cannot lose one's update. Released when the returned file is dropped.
+pub(crate) fn lock_header(device: &std::path::Path) -> Result<std::fs::File, CmdError> {
+    use rustix::fs::{flock, FlockOperation};
+    let f = std::fs::File::open(device).map_err(io_err(format!("cannot open {}", device.display())))?;
+    flock(&f, FlockOperation::NonBlockingLockExclusive).map_err(|e| CmdError::Io {
+        what: format!(
+            "{} is locked by another process (another nbdcrypt command changing its header?)",
+            device.display()
+        ),
+        source: e.into(),
+    })?;
+    Ok(f)
+}
+
+/// Asks the operator to type `yes` before something destructive or sensitive, unless `yes`
+/// was given. Without a terminal on stdin there is nobody to ask: refuse (exit code 5).
+pub(crate) fn confirm(what: &str, yes: bool) -> Result<(), CmdError> {
+    if yes {
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Err(CmdError::Refused(format!("{what}: stdin is not a terminal to confirm on (use --yes)")));
+    }
+    eprint!("{what}. Type yes to continue: ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    // Bounded: one short line is all that is expected.
+    let mut limited = stdin.lock().take(64);
+    limited.read_line(&mut answer).map_err(io_err("reading the confirmation"))?;
+    if answer.trim() == "yes" {
+        Ok(())
+    } else {
+        Err(CmdError::Refused(format!("{what}: not confirmed")))
     }
 }
 

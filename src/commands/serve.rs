@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use super::{format_backend, io_err, CmdError};
+use super::{format_backend, io_err, kms_options, CmdError};
 use crate::backend::FileBackend;
 use crate::cli::ServeArgs;
 use crate::config::{Config, CreateConfig, ExportConfig, DEFAULT_LISTEN};
 use crate::export::{Export, ExportOptions};
-use crate::keys::{local, KeyProvider};
+use crate::keys::{local, KeyProvider, Keyring, KmsOptions};
 use crate::nbd::handshake::Catalog;
 use crate::server::{self, ListenAddr, Listener, ServerOptions};
 use crate::volume;
@@ -54,14 +54,17 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
                 direct: args.direct,
                 description: String::new(),
                 create: None,
+                device_id: args.device_id.clone(),
+                strict_binding: args.strict_binding,
             };
             (l, 64, 10, vec![ExportPlan { cfg }])
         }
     };
 
+    let kms = kms_options(&args.kms);
     let mut exports: HashMap<String, Arc<Export>> = HashMap::new();
     for plan in &plans {
-        let export = open_export(&plan.cfg).await?;
+        let export = open_export(&plan.cfg, &kms, args.strict_binding).await?;
         exports.insert(plan.cfg.name.clone(), export);
     }
     let default_export = (plans.len() == 1).then(|| plans[0].cfg.name.clone());
@@ -116,18 +119,24 @@ async fn wait_for_signal() {
     }
 }
 
-/// Opens (and on first start of a demo config, creates) one export.
-async fn open_export(cfg: &ExportConfig) -> Result<Arc<Export>, CmdError> {
+/// Opens (and on first start of a demo config, creates) one export. KMS is contacted here
+/// only, once per aws-kms slot tried; the export never needs it again.
+async fn open_export(cfg: &ExportConfig, kms: &KmsOptions, strict_binding: bool) -> Result<Arc<Export>, CmdError> {
     if let Some(create) = &cfg.create {
         create_if_missing(cfg, create).await?;
     }
-    let mut providers: Vec<Box<dyn KeyProvider>> = Vec::new();
-    for path in &cfg.kek_files {
-        providers.push(Box::new(local::LocalProvider::load(path)?));
-    }
-    let backend = volume::open_backend(&cfg.device, !cfg.read_only, cfg.direct)?;
-    let unlocked = volume::unlock_backend(backend.clone(), &providers).await?;
+    let keyring = Keyring::new(&cfg.kek_files, kms.clone())?;
+    let backend = volume::open_backend_with(&cfg.device, !cfg.read_only, cfg.direct)?;
+    let device_id = cfg.device_id.clone().or_else(|| crate::identity::device_volume_id(&cfg.device));
+    let strict = strict_binding || cfg.strict_binding;
+    let unlock_started = Instant::now();
+    let unlocked = volume::unlock_backend_checked(backend.clone(), &keyring, |h| {
+        volume::check_binding(h, device_id.as_deref(), strict)
+    })
+    .await?;
+    let unlock_ms = unlock_started.elapsed().as_millis() as u64;
     let slot = unlocked.slot;
+    let slot_provider = unlocked.header().slot(slot).map(|s| s.provider.clone()).unwrap_or_default();
     let opts = ExportOptions {
         name: cfg.name.clone(),
         description: cfg.description.clone(),
@@ -136,7 +145,7 @@ async fn open_export(cfg: &ExportConfig) -> Result<Arc<Export>, CmdError> {
     };
     let (export, h) = volume::into_export(unlocked, opts)?;
     tracing::info!(
-        export = %cfg.name, device = %backend.describe(), uuid = %h.uuid, slot,
+        export = %cfg.name, device = %backend.describe(), uuid = %h.uuid, slot, provider = %slot_provider, unlock_ms,
         sector_size = h.sector_size.bytes(), size = h.data_size, read_only = cfg.read_only,
         "volume unlocked"
     );

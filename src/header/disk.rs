@@ -54,7 +54,8 @@ const OFF_RESERVED: usize = 10;
 const OFF_JSON_LEN: usize = 12;
 const OFF_SEQ: usize = 16;
 const OFF_COPY_OFFSET: usize = 24;
-const OFF_UUID: usize = 32;
+/// Offset of the volume uuid in the binary block.
+pub const OFF_UUID: usize = 32;
 const OFF_CHECKSUM: usize = 48;
 const CHECKSUM_LEN: usize = 32;
 const OFF_PADDING: usize = OFF_CHECKSUM + CHECKSUM_LEN;

@@ -180,6 +180,26 @@ pub fn probe(dev: &dyn Backend) -> Result<bool, HeaderError> {
     Ok(false)
 }
 
+/// The volume uuid recorded in the binary block of either copy that starts with an nbdcrypt
+/// magic, even if the copy is otherwise damaged (primary first). Unverified: only for
+/// refusing to restore another volume's header backup over a damaged one.
+pub fn peek_uuid(dev: &dyn Backend) -> Result<Option<uuid::Uuid>, HeaderError> {
+    for which in CopyKind::ALL {
+        let mut block = [0u8; disk::OFF_UUID + 16];
+        let fits = which.offset().checked_add(block.len() as u64).is_some_and(|end| end <= dev.size());
+        if !fits {
+            continue;
+        }
+        dev.read_at(&mut block, which.offset()).map_err(HeaderError::Io)?;
+        if disk::has_magic(&block) {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&block[disk::OFF_UUID..]);
+            return Ok(Some(uuid::Uuid::from_bytes(id)));
+        }
+    }
+    Ok(None)
+}
+
 /// Formats: writes `h` to both copies with `seq = 1` (set in `h`), flushing after each.
 ///
 /// The secondary's binary block is zeroed (and flushed) first, so a crash part-way can never
@@ -483,6 +503,16 @@ mod tests {
         let l = load(&dev).unwrap();
         h.uuid = uuid::Uuid::nil();
         assert!(matches!(update(&dev, &l, &mut h), Err(HeaderError::UuidChanged { .. })));
+    }
+
+    #[test]
+    fn peek_uuid_reads_a_damaged_copy() {
+        let (dev, h) = formatted();
+        smash(&dev, CopyKind::Primary);
+        smash(&dev, CopyKind::Secondary);
+        assert!(load(&dev).is_err());
+        assert_eq!(peek_uuid(&dev).unwrap(), Some(h.uuid));
+        assert_eq!(peek_uuid(&MemBackend::new(DEV)).unwrap(), None);
     }
 
     #[test]

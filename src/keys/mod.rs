@@ -4,18 +4,32 @@
 //! by a provider (a local KEK file, or an AWS KMS key). Wrapping is always bound to an
 //! encryption context that names the volume (its uuid at least), so a wrapped key copied into
 //! another volume's header does not unwrap there.
+//!
+//! - [`local`]: a 256-bit KEK file, AES-256-GCM.
+//! - [`kms`]: AWS KMS (GenerateDataKey / Decrypt / ReEncrypt), with typed errors and a
+//!   bounded retry loop.
+//! - [`Keyring`]: what unlocking draws on: the KEK files given on the command line, plus KMS
+//!   providers built on demand for each `aws-kms` slot (a slot records its key ARN, so no flag
+//!   is needed to name it).
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::future::Future;
+use std::ops::Deref;
 use std::path::PathBuf;
 use std::pin::Pin;
 
 use crate::crypto::VolumeKey;
 use crate::header::KeySlot;
 
+pub mod kms;
 pub mod local;
 
+pub use kms::{KmsError, KmsFactory, KmsOptions, KmsProvider};
 pub use local::LocalProvider;
+
+/// The context key that carries the header's binding (a cloud volume id), when it has one.
+pub const CONTEXT_BINDING: &str = "nbdcrypt:binding";
 
 /// The context key that binds a wrapped key to its volume.
 pub const CONTEXT_VOLUME: &str = "nbdcrypt:volume";
@@ -53,6 +67,9 @@ pub enum KeyError {
     /// A provider-specific failure (KMS errors are typed by that provider).
     #[error("{0}")]
     Provider(String),
+    /// An AWS KMS failure.
+    #[error(transparent)]
+    Kms(#[from] KmsError),
 }
 
 /// Something that can wrap a volume key and unwrap a slot.
@@ -108,6 +125,138 @@ impl std::str::FromStr for KeySpec {
     }
 }
 
+/// Where unlocking finds the provider for a slot: a fixed list (tests, callers holding the
+/// providers themselves) or a [`Keyring`] that also builds KMS providers on demand.
+pub trait ProviderSource: Sync {
+    /// The provider that can unwrap `slot`, `None` if there is none; an error if one should
+    /// exist but cannot be built (e.g. no AWS region).
+    fn provider_for<'a>(&'a self, slot: &'a KeySlot) -> BoxFuture<'a, Result<Option<ProviderRef<'a>>, KeyError>>;
+}
+
+/// A provider either borrowed from the source or built for one slot.
+pub enum ProviderRef<'a> {
+    Borrowed(&'a (dyn KeyProvider + 'static)),
+    Owned(Box<dyn KeyProvider>),
+}
+
+impl Deref for ProviderRef<'_> {
+    type Target = dyn KeyProvider;
+
+    fn deref(&self) -> &Self::Target {
+        match self {
+            ProviderRef::Borrowed(p) => *p,
+            ProviderRef::Owned(p) => p.as_ref(),
+        }
+    }
+}
+
+impl fmt::Debug for ProviderRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ProviderRef({} {})", self.kind(), self.key_id())
+    }
+}
+
+impl ProviderSource for [Box<dyn KeyProvider>] {
+    fn provider_for<'a>(&'a self, slot: &'a KeySlot) -> BoxFuture<'a, Result<Option<ProviderRef<'a>>, KeyError>> {
+        let found = self.iter().find(|p| p.owns(slot)).map(|p| ProviderRef::Borrowed(p.as_ref()));
+        Box::pin(std::future::ready(Ok(found)))
+    }
+}
+
+impl ProviderSource for Vec<Box<dyn KeyProvider>> {
+    fn provider_for<'a>(&'a self, slot: &'a KeySlot) -> BoxFuture<'a, Result<Option<ProviderRef<'a>>, KeyError>> {
+        self.as_slice().provider_for(slot)
+    }
+}
+
+/// The keys a command may use: explicit providers (local KEK files) and, unless disabled,
+/// KMS providers built on demand from each `aws-kms` slot's key ARN.
+#[derive(Default)]
+pub struct Keyring {
+    providers: Vec<Box<dyn KeyProvider>>,
+    kms: Option<KmsFactory>,
+}
+
+impl Keyring {
+    /// Local KEK files, plus KMS with `kms` options.
+    pub fn new(kek_files: &[PathBuf], kms: KmsOptions) -> Result<Keyring, KeyError> {
+        let mut k = Keyring { providers: Vec::new(), kms: Some(KmsFactory::new(kms)) };
+        for path in kek_files {
+            k.add(Box::new(LocalProvider::load(path)?));
+        }
+        Ok(k)
+    }
+
+    /// Only these providers; no KMS.
+    pub fn with_providers(providers: Vec<Box<dyn KeyProvider>>) -> Keyring {
+        Keyring { providers, kms: None }
+    }
+
+    pub fn add(&mut self, p: Box<dyn KeyProvider>) {
+        self.providers.push(p);
+    }
+
+    /// The KMS factory, if KMS is enabled.
+    pub fn kms(&self) -> Option<&KmsFactory> {
+        self.kms.as_ref()
+    }
+
+    /// A provider for a `--key` spec: loads a KEK file, or prepares a KMS key.
+    pub async fn provider_for_spec(&self, spec: &KeySpec) -> Result<Box<dyn KeyProvider>, KeyError> {
+        match spec {
+            KeySpec::Local(path) => Ok(Box::new(LocalProvider::load(path)?)),
+            KeySpec::AwsKms(key) => match &self.kms {
+                Some(f) => Ok(Box::new(f.provider(key).await?)),
+                None => Err(KeyError::Provider("AWS KMS is not enabled here".into())),
+            },
+        }
+    }
+}
+
+impl ProviderSource for Keyring {
+    fn provider_for<'a>(&'a self, slot: &'a KeySlot) -> BoxFuture<'a, Result<Option<ProviderRef<'a>>, KeyError>> {
+        Box::pin(async move {
+            if let Some(p) = self.providers.iter().find(|p| p.owns(slot)) {
+                return Ok(Some(ProviderRef::Borrowed(p.as_ref())));
+            }
+            match &self.kms {
+                Some(f) if slot.provider == kms::KIND => {
+                    Ok(Some(ProviderRef::Owned(Box::new(f.provider(&slot.key_id).await?))))
+                }
+                _ => Ok(None),
+            }
+        })
+    }
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Vec<String> = self.providers.iter().map(|p| format!("{} {}", p.kind(), p.key_id())).collect();
+        f.debug_struct("Keyring").field("providers", &ids).field("kms", &self.kms.is_some()).finish()
+    }
+}
+
+/// The encryption context of a new slot of volume `uuid`: the volume, the binding if the
+/// header has one, and the operator's extra pairs (which may not use the reserved keys).
+pub fn slot_context(
+    uuid: &uuid::Uuid,
+    binding: Option<&str>,
+    extra: &[(String, String)],
+) -> Result<EncryptionContext, String> {
+    let mut ctx = EncryptionContext::new();
+    for (k, v) in extra {
+        if k == CONTEXT_VOLUME || k == CONTEXT_BINDING {
+            return Err(format!("context key {k} is reserved"));
+        }
+        ctx.insert(k.clone(), v.clone());
+    }
+    ctx.insert(CONTEXT_VOLUME.into(), uuid.to_string());
+    if let Some(b) = binding {
+        ctx.insert(CONTEXT_BINDING.into(), b.to_owned());
+    }
+    Ok(ctx)
+}
+
 /// The canonical byte encoding of a context, used as AEAD associated data: a label, then
 /// each pair (sorted by key) as u32-BE length-prefixed key and value.
 pub fn context_bytes(label: &[u8], ctx: &EncryptionContext) -> Vec<u8> {
@@ -140,5 +289,16 @@ mod tests {
         let a: EncryptionContext = [("ab".to_string(), "c".to_string())].into();
         let b: EncryptionContext = [("a".to_string(), "bc".to_string())].into();
         assert_ne!(context_bytes(b"x", &a), context_bytes(b"x", &b));
+    }
+
+    #[test]
+    fn slot_context_names_the_volume_and_binding_and_reserves_them() {
+        let uuid = uuid::Uuid::nil();
+        let ctx = slot_context(&uuid, Some("vol-1"), &[("app".into(), "db".into())]).unwrap();
+        assert_eq!(ctx.get(CONTEXT_VOLUME).map(String::as_str), Some("00000000-0000-0000-0000-000000000000"));
+        assert_eq!(ctx.get(CONTEXT_BINDING).map(String::as_str), Some("vol-1"));
+        assert_eq!(ctx.get("app").map(String::as_str), Some("db"));
+        assert!(slot_context(&uuid, None, &[(CONTEXT_VOLUME.into(), "x".into())]).is_err());
+        assert!(slot_context(&uuid, None, &[(CONTEXT_BINDING.into(), "x".into())]).is_err());
     }
 }

@@ -100,9 +100,22 @@ impl Daemon {
     }
 
     pub fn spawn(args: &[&str], dir: &Path, uri: String, port: u16) -> Result<Daemon, String> {
+        Self::spawn_with(args, dir, uri, port, |_| {})
+    }
+
+    /// [`Daemon::spawn`], letting the caller adjust the command first (e.g. its environment).
+    pub fn spawn_with(
+        args: &[&str],
+        dir: &Path,
+        uri: String,
+        port: u16,
+        configure: impl FnOnce(&mut Command),
+    ) -> Result<Daemon, String> {
         let log = dir.join(format!("daemon-{port}.log"));
         let logf = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        configure(&mut cmd);
+        let child = cmd
             .args(args)
             .args(["--log-format", "json", "--log-level", "debug"])
             .stdout(Stdio::null())
@@ -171,3 +184,5 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, data).as_ref())
 }
+
+pub mod kms;
