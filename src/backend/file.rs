@@ -19,6 +19,15 @@ use std::path::{Path, PathBuf};
 
 use super::Backend;
 
+/// Buffered writes go to the page cache in pieces of at most this size. Since Linux 6.16 ext4
+/// (like XFS before it) caches a file in folios as large as the write that created them, and a
+/// later 4 KiB write into a 1 MiB folio walks all of its 256 block heads and makes writeback
+/// rewrite the whole folio. Measured with fio psync on this project's build box (kernel 6.18,
+/// ext4), CPU per random 4 KiB write into a file last written in pieces of 1 MiB / 256 KiB /
+/// 64 KiB: 26 / 8 / 3 us; while writing 1 MiB costs the same CPU in 64 KiB pieces as in one
+/// (about 130 us). So a volume filled by large sequential writes stays fast for random ones.
+const BUFFERED_WRITE_CHUNK: usize = 64 << 10;
+
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
@@ -113,10 +122,16 @@ impl Backend for FileBackend {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        match self.direct_for(buf, offset) {
-            Some(d) => d.write_all_at(buf, offset),
-            None => self.file.write_all_at(buf, offset),
+        if let Some(d) = self.direct_for(buf, offset) {
+            return d.write_all_at(buf, offset);
         }
+        // See BUFFERED_WRITE_CHUNK.
+        let mut pos = offset;
+        for piece in buf.chunks(BUFFERED_WRITE_CHUNK) {
+            self.file.write_all_at(piece, pos)?;
+            pos += piece.len() as u64;
+        }
+        Ok(())
     }
 
     fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
