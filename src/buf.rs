@@ -105,47 +105,65 @@ const MIN_CLASS_SHIFT: u32 = 12;
 /// Size classes: 4 KiB, 8 KiB, ..., 32 MiB (the largest request).
 const CLASSES: usize = 14;
 
-/// Idle buffers by power-of-two size class, up to a byte cap; not thread-safe (one per
-/// connection). Buffers larger than the largest class are allocated and freed every time.
+/// Buffers by power-of-two size class; not thread-safe (one per connection). The pool counts
+/// what it has handed out and not yet got back, and keeps idle buffers only while idle plus
+/// handed-out bytes stay within its limit, so its memory never exceeds the larger of the limit
+/// and what is in use at once. Buffers larger than the largest class are never kept.
 #[derive(Debug)]
 pub struct BufPool {
     free: [Vec<AlignedBuf>; CLASSES],
     idle_bytes: usize,
-    max_idle_bytes: usize,
+    /// Capacity handed out by `get` and not yet returned by `put`.
+    out_bytes: usize,
+    limit: usize,
 }
 
 impl BufPool {
-    /// A pool that keeps at most `max_idle_bytes` of idle buffers.
-    pub fn new(max_idle_bytes: usize) -> BufPool {
-        BufPool { free: Default::default(), idle_bytes: 0, max_idle_bytes }
+    /// A pool whose idle plus handed-out buffers stay within `limit` bytes when it can.
+    pub fn new(limit: usize) -> BufPool {
+        BufPool { free: Default::default(), idle_bytes: 0, out_bytes: 0, limit }
     }
 
     /// A buffer whose visible length is exactly `len` (contents: whatever its last user left).
     pub fn get(&mut self, len: usize) -> AlignedBuf {
-        let mut buf = match class_of(len) {
-            Some(c) => match self.free[c].pop() {
-                Some(b) => {
-                    self.idle_bytes -= b.capacity();
-                    b
-                }
-                None => AlignedBuf::zeroed(1 << (c as u32 + MIN_CLASS_SHIFT)),
-            },
+        let mut buf = match class_of(len).map(|c| (c, self.free[c].pop())) {
+            Some((_, Some(b))) => {
+                self.idle_bytes -= b.capacity();
+                b
+            }
+            Some((c, None)) => {
+                let b = AlignedBuf::zeroed(1 << (c as u32 + MIN_CLASS_SHIFT));
+                self.trim(b.capacity());
+                b
+            }
             None => AlignedBuf::zeroed(len),
         };
+        self.out_bytes += buf.capacity();
         buf.truncate(len);
         buf
     }
 
-    /// Takes a buffer back for reuse, or frees it if the pool is full or it has no class.
+    /// Takes a buffer back for reuse, or frees it if keeping it would exceed the limit.
     pub fn put(&mut self, mut buf: AlignedBuf) {
         let cap = buf.capacity();
+        self.out_bytes = self.out_bytes.saturating_sub(cap);
         let Some(c) = class_of(cap).filter(|&c| 1 << (c as u32 + MIN_CLASS_SHIFT) == cap) else { return };
-        if self.idle_bytes + cap > self.max_idle_bytes {
+        if self.idle_bytes + self.out_bytes + cap > self.limit {
             return;
         }
         buf.reset();
         self.idle_bytes += cap;
         self.free[c].push(buf);
+    }
+
+    /// Frees idle buffers, largest first, until `extra` more bytes fit within the limit.
+    fn trim(&mut self, extra: usize) {
+        for c in (0..CLASSES).rev() {
+            while self.idle_bytes + self.out_bytes + extra > self.limit {
+                let Some(b) = self.free[c].pop() else { break };
+                self.idle_bytes -= b.capacity();
+            }
+        }
     }
 
     /// Bytes held by idle buffers.
@@ -209,13 +227,27 @@ mod tests {
     }
 
     #[test]
-    fn pool_respects_its_idle_cap() {
+    fn pool_keeps_idle_plus_handed_out_within_its_limit() {
         let mut pool = BufPool::new(8192);
         let (a, b, c) = (pool.get(4096), pool.get(4096), pool.get(4096));
         pool.put(a);
         pool.put(b);
         pool.put(c);
         assert_eq!(pool.idle_bytes(), 8192);
+    }
+
+    #[test]
+    fn a_new_allocation_frees_idle_buffers_of_other_classes() {
+        let mut pool = BufPool::new(1 << 20);
+        let small: Vec<_> = (0..4).map(|_| pool.get(128 << 10)).collect();
+        for b in small {
+            pool.put(b);
+        }
+        assert_eq!(pool.idle_bytes(), 512 << 10);
+        let big = pool.get(1 << 20);
+        assert_eq!(pool.idle_bytes(), 0);
+        pool.put(big);
+        assert_eq!(pool.idle_bytes(), 1 << 20);
     }
 
     #[test]

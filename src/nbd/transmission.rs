@@ -44,14 +44,18 @@ use crate::export::{Export, ExportError, ReadPlan, MAX_REQUEST};
 pub struct Limits {
     /// Requests in flight (read from the socket, reply not yet written).
     pub max_requests: usize,
-    /// Payload bytes in flight (write payloads held plus read buffers not yet sent). One
-    /// request is always admitted, whatever its size.
+    /// Payload bytes in flight (write payloads held plus read buffers not yet sent), and the
+    /// limit of the connection's buffer pool. One request is always admitted, whatever its
+    /// size. With the 256 KiB input buffer this bounds a connection's memory: a client that
+    /// never reads its replies gets this much buffered, then the server stops reading.
     pub max_bytes: usize,
 }
 
 impl Default for Limits {
+    /// 12 MiB: twelve 1 MiB or forty-eight 256 KiB requests in flight per connection (more
+    /// than fio's QD8 or nbdcopy's default needs), and four connections stay under 64 MiB.
     fn default() -> Self {
-        Limits { max_requests: 128, max_bytes: 64 << 20 }
+        Limits { max_requests: 128, max_bytes: 12 << 20 }
     }
 }
 
@@ -72,9 +76,6 @@ const GATHER_MAX: usize = 128 << 10;
 
 /// Replies written by one vectored write, at most (two slices each).
 const MAX_BATCH: usize = 64;
-
-/// Idle buffers a connection keeps for reuse, at most.
-const POOL_IDLE_MAX: usize = 32 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransmissionError {
@@ -104,7 +105,7 @@ where
         export: neg.export,
         structured: neg.structured_replies,
         budget: Budget { requests: 0, bytes: 0, limits },
-        pool: BufPool::new(POOL_IDLE_MAX.min(limits.max_bytes.max(MAX_REQUEST as usize))),
+        pool: BufPool::new(limits.max_bytes),
         out: Outbox::default(),
         jobs: 0,
         done_tx,
