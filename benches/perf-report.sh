@@ -15,7 +15,7 @@
 #
 # Env: RUNS=3 RUNTIME=5 SECTORS="4096 512" TRANSPORTS="unix tcp" ANCHORS="nbdkit-raw nbdkit-luks"
 #      WAIT_IDLE=80 (anchors.sh: wait for an idle machine; 0 on a busy shared box)
-#      SCALING=1 CIPHER=1 OUT_DIR=target/perf-report ANCHORS_SH=../shared/bench/anchors.sh
+#      SCALING=1 CIPHER=1 RSS=1 STARTUP=1 OUT_DIR=target/perf-report ANCHORS_SH=../shared/bench/anchors.sh
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,6 +28,8 @@ ANCHORS=${ANCHORS:-"nbdkit-raw nbdkit-luks"}
 WAIT_IDLE=${WAIT_IDLE:-80}
 SCALING=${SCALING:-1}
 CIPHER=${CIPHER:-1}
+RSS=${RSS:-1}
+STARTUP=${STARTUP:-1}
 OUT_DIR=${OUT_DIR:-$ROOT/target/perf-report}
 ANCHORS_SH=${ANCHORS_SH:-$ROOT/../shared/bench/anchors.sh}
 UPDATE_README=0
@@ -76,7 +78,7 @@ for ss in $SECTORS; do
     serve "$ss"
     for x in $TRANSPORTS; do
         out="$OUT_DIR/anchors-$ss-$x.json"
-        cmd="SERVERS='$ANCHORS' TRANSPORTS=$x RUNS=$RUNS RUNTIME=$RUNTIME WAIT_IDLE=$WAIT_IDLE CRYPTO=0 TARGET='$(uri "$x")' TARGET_NAME=nbdcrypt-$ss TARGET_PID=\$(pidof nbdcrypt) anchors.sh"
+        cmd="SERVERS='$ANCHORS' TRANSPORTS=$x RUNS=$RUNS RUNTIME=$RUNTIME WAIT_IDLE=$WAIT_IDLE CRYPTO=0 TARGET='$(uri "$x" | sed "s|$WORK/||")' TARGET_NAME=nbdcrypt-$ss TARGET_PID=\$(pidof nbdcrypt) anchors.sh"
         CMDS+=("$cmd")
         log "sector $ss over $x: $cmd"
         SERVERS="$ANCHORS" TRANSPORTS=$x RUNS=$RUNS RUNTIME=$RUNTIME WAIT_IDLE=$WAIT_IDLE CRYPTO=0 \
@@ -101,6 +103,15 @@ fi
 if [[ $CIPHER == 1 ]]; then
     log "cargo bench --bench xts"
     cargo bench --quiet --bench xts >"$OUT_DIR/xts.txt" 2>/dev/null || die "cargo bench --bench xts failed"
+fi
+
+if [[ $RSS == 1 ]]; then
+    log "benches/rss.sh"
+    RUNTIME=$RUNTIME "$ROOT/benches/rss.sh" >"$OUT_DIR/rss.txt" 2>&1 || die "rss.sh failed, see $OUT_DIR/rss.txt"
+fi
+if [[ $STARTUP == 1 ]]; then
+    log "benches/startup.py"
+    python3 "$ROOT/benches/startup.py" --runs 100 >"$OUT_DIR/startup.txt" 2>&1 || die "startup.py failed, see $OUT_DIR/startup.txt"
 fi
 
 # ------------------------------------------------------------------ markdown
@@ -170,6 +181,22 @@ report() {
         echo
         echo '```text'
         cat "$OUT_DIR/xts.txt"
+        echo '```'
+    fi
+    if [[ $RSS == 1 ]]; then
+        echo
+        echo "Memory (\`benches/rss.sh\`: fio, 4 connections at QD128 each, 4096-byte sectors; VmHWM = peak RSS):"
+        echo
+        echo '```text'
+        cat "$OUT_DIR/rss.txt"
+        echo '```'
+    fi
+    if [[ $STARTUP == 1 ]]; then
+        echo
+        echo "Start-up with the local key provider (\`benches/startup.py\`):"
+        echo
+        echo '```text'
+        cat "$OUT_DIR/startup.txt"
         echo '```'
     fi
 }
