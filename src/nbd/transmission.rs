@@ -122,12 +122,15 @@ where
     let mut result: Result<(), TransmissionError> = Ok(());
     // After a failed write the client is gone: replies are dropped, not written.
     let mut write_failed = false;
+    // The last write attempt found the socket full: serve requests meanwhile, up to the budget.
+    let mut socket_full = false;
 
     loop {
-        // Requests already received that can start once the queued replies are written.
+        // Requests already received that could start once the queued replies are out.
         let mut more = false;
         if reading && pending.is_none() {
-            match conn.take_requests(&mut inbuf, &mut pending) {
+            let flush_at = if socket_full { usize::MAX } else { FLUSH_AT };
+            match conn.take_requests(&mut inbuf, &mut pending, flush_at) {
                 Ok(Step::Continue) => {}
                 Ok(Step::Yield) => more = true,
                 Ok(Step::Disc) => reading = false,
@@ -139,6 +142,28 @@ where
         }
         if write_failed {
             conn.out.discard(&mut conn.pool, &mut conn.budget);
+        } else if !conn.out.is_empty() {
+            // Write what the socket takes now, without waiting for it.
+            let now = std::future::poll_fn(|cx| {
+                Poll::Ready(conn.out.poll_write(cx, &mut writer, &mut conn.pool, &mut conn.budget))
+            });
+            match now.await {
+                Poll::Ready(Ok(())) => socket_full = false,
+                Poll::Ready(Err(e)) => {
+                    write_failed = true;
+                    reading = false;
+                    if result.is_ok() {
+                        result = Err(e.into());
+                    }
+                    continue;
+                }
+                Poll::Pending => socket_full = true,
+            }
+        }
+        if more {
+            // Either the replies are out, or the socket is full and requests wait: both
+            // mean serving the next requests now.
+            continue;
         }
         if !reading && conn.jobs == 0 && conn.out.is_empty() {
             break;
@@ -149,6 +174,7 @@ where
         tokio::select! {
             biased;
             r = std::future::poll_fn(|cx| conn.out.poll_write(cx, &mut writer, &mut conn.pool, &mut conn.budget)), if can_write => {
+                socket_full = false;
                 if let Err(e) = r {
                     write_failed = true;
                     reading = false;
@@ -187,9 +213,6 @@ where
                     result = Err(e.into());
                 }
             },
-            // The socket is full, but requests are waiting: serve them meanwhile (yielding to
-            // the runtime when this task's cooperative budget is spent).
-            () = tokio::task::consume_budget(), if more => {}
             else => break,
         }
     }
@@ -362,9 +385,14 @@ struct Conn {
 
 impl Conn {
     /// Starts every complete request in the input buffer that the budget admits.
-    /// Returns [`Step::Yield`] only when the next request could start right away, so the
-    /// caller's "more to do" never spins without progress.
-    fn take_requests(&mut self, inbuf: &mut InBuf, pending: &mut Option<Pending>) -> Result<Step, TransmissionError> {
+    /// Stops with [`Step::Yield`] when `flush_at` reply bytes are queued and the next request
+    /// could start right away (so the caller's "more to do" never spins without progress).
+    fn take_requests(
+        &mut self,
+        inbuf: &mut InBuf,
+        pending: &mut Option<Pending>,
+        flush_at: usize,
+    ) -> Result<Step, TransmissionError> {
         loop {
             let Some(hdr) = inbuf.data().first_chunk::<REQUEST_LEN>() else { return Ok(Step::Continue) };
             let req = codec::decode_request(hdr)?;
@@ -390,7 +418,7 @@ impl Conn {
                 return Ok(Step::Continue);
             }
             // The request can start: first let queued replies go out if there are enough.
-            if self.out.queued >= FLUSH_AT {
+            if self.out.queued >= flush_at {
                 return Ok(Step::Yield);
             }
             if req.command != Command::Write {
