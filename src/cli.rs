@@ -6,25 +6,29 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::keys::KeySpec;
+use crate::nbd::handshake::TlsMode;
 
 #[derive(Debug, Parser)]
 #[command(name = "nbdcrypt", version, about = "Encrypted block devices over NBD, keys wrapped by a KMS or a local KEK")]
 #[command(
     after_help = "Exit codes: 0 success, 1 error, 2 usage, 3 volume cannot be unlocked (no slot opens, wrong key), \
-4 header missing, corrupt or tampered, 5 refused to destroy data (use --yes)"
+4 header missing, corrupt or tampered, 5 refused to destroy data (use --yes), 6 cannot reach the daemon's control socket\n\n\
+Signals (serve): SIGTERM/SIGINT drain and exit 0; SIGHUP re-reads the config file (log level, metrics endpoint)."
 )]
 pub struct Cli {
-    /// Log filter (error, warn, info, debug, trace, or a tracing filter); RUST_LOG overrides.
-    #[arg(long, global = true, default_value = "info", env = "NBDCRYPT_LOG")]
-    pub log_level: String,
-    /// Log output format.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
-    pub log_format: LogFormat,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter) [default: the config
+    /// file's [log] level, else info]. RUST_LOG overrides it.
+    #[arg(long, global = true, env = "NBDCRYPT_LOG")]
+    pub log_level: Option<String>,
+    /// Log output format [default: the config file's [log] format, else auto].
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable on a terminal, JSON lines otherwise.
     Auto,
@@ -33,6 +37,7 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing would only add noise
 pub enum Command {
     /// Write a new random 32-byte key-encryption key for the local provider (mode 0600).
     #[command(after_help = "Example:\n  nbdcrypt genkey /etc/nbdcrypt/vol1.kek")]
@@ -74,6 +79,69 @@ pub enum Command {
         after_help = "Examples:\n  nbdcrypt benchmark --seconds 1\n  nbdcrypt benchmark --e2e --size-mib 512 --dir /var/tmp"
     )]
     Benchmark(BenchmarkArgs),
+    /// Show a running daemon's exports, their state (active/suspended), clients and counters.
+    #[command(
+        after_help = "Examples:\n  nbdcrypt status --config /etc/nbdcrypt/vol1.toml\n  nbdcrypt status --control-socket /run/nbdcrypt/vol1.ctl --json"
+    )]
+    Status {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Flush, then wipe the volume key of a running export from memory; its I/O waits until
+    /// `resume` (like `cryptsetup luksSuspend`).
+    #[command(
+        after_help = "Examples:\n  nbdcrypt suspend --config /etc/nbdcrypt/vol1.toml\n  nbdcrypt suspend --control-socket /run/nbdcrypt/vol1.ctl --export vol1"
+    )]
+    Suspend {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// The export to suspend [default: every export of the daemon].
+        #[arg(long)]
+        export: Option<String>,
+    },
+    /// Unlock a suspended export again through a key slot and release its waiting I/O.
+    #[command(
+        after_help = "The daemon re-reads the header and unwraps a key slot with its configured key providers, or\n\
+with the KEK file named here (read by the daemon; no key material crosses the control socket).\n\n\
+Examples:\n  nbdcrypt resume --config /etc/nbdcrypt/vol1.toml\n  nbdcrypt resume --control-socket /run/nbdcrypt/vol1.ctl --export vol1 --kek-file /root/vol1.kek"
+    )]
+    Resume {
+        #[command(flatten)]
+        target: ControlTarget,
+        /// The export to resume [default: every suspended export].
+        #[arg(long)]
+        export: Option<String>,
+        /// A local KEK file for the daemon to unlock with, instead of its configured providers.
+        #[arg(long)]
+        kek_file: Option<PathBuf>,
+    },
+    /// Parse and validate a config file, check that the files it names exist and can be read,
+    /// and print the resolved configuration. Exit 0 if valid, 1 if not.
+    #[command(name = "check-config", after_help = "Example:\n  nbdcrypt check-config /etc/nbdcrypt/vol1.toml")]
+    CheckConfig {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  nbdcrypt completions bash > /etc/bash_completion.d/nbdcrypt\n  nbdcrypt completions zsh > \"${fpath[1]}/_nbdcrypt\"\n  nbdcrypt completions fish > ~/.config/fish/completions/nbdcrypt.fish"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a folder.
+    #[command(
+        after_help = "Examples:\n  nbdcrypt manpage | man -l -\n  nbdcrypt manpage --dir /usr/local/share/man/man1"
+    )]
+    Manpage {
+        /// Write nbdcrypt.1 and nbdcrypt-COMMAND.1 into this folder instead of printing nbdcrypt.1.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +162,17 @@ pub struct BenchmarkArgs {
     /// Open the temporary file with O_DIRECT (see `serve --direct`).
     #[arg(long)]
     pub direct: bool,
+}
+
+/// How a client command finds the daemon's control socket.
+#[derive(Debug, Args)]
+pub struct ControlTarget {
+    /// The daemon's control socket.
+    #[arg(long, conflicts_with = "config")]
+    pub control_socket: Option<PathBuf>,
+    /// The daemon's config file: its server.control_socket (or that setting's default).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -273,6 +352,34 @@ pub struct ServeArgs {
     /// block devices, whose data the client caches already.
     #[arg(long)]
     pub direct: bool,
+    /// TLS on TCP listeners: off, optional (the client's choice) or require. Default: require
+    /// when --tls-cert is given, off otherwise.
+    #[arg(long, value_parser = parse_tls, conflicts_with = "config")]
+    pub tls: Option<TlsMode>,
+    /// PEM certificate chain of the server.
+    #[arg(long, requires = "tls_key", conflicts_with = "config")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the server.
+    #[arg(long, requires = "tls_cert", conflicts_with = "config")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: clients must present a certificate signed by one of them.
+    #[arg(long, conflicts_with = "config")]
+    pub tls_ca: Option<PathBuf>,
+    /// Permission bits of the Unix socket (octal).
+    #[arg(long, default_value = "0600", value_parser = parse_octal_mode, conflicts_with = "config")]
+    pub socket_mode: u32,
+    /// Owner of the Unix socket (user name or id).
+    #[arg(long, requires = "socket", conflicts_with = "config")]
+    pub socket_owner: Option<String>,
+    /// Group of the Unix socket (group name or id).
+    #[arg(long, requires = "socket", conflicts_with = "config")]
+    pub socket_group: Option<String>,
+    /// Most client connections at once; more are closed at once.
+    #[arg(long, default_value_t = 64, conflicts_with = "config")]
+    pub max_connections: usize,
+    /// Seconds a client has to finish the handshake (TLS included).
+    #[arg(long, default_value_t = 10, conflicts_with = "config")]
+    pub handshake_timeout: u64,
     /// The device's cloud volume id, compared with the header's binding (default: read from
     /// the EBS NVMe serial number in sysfs).
     #[arg(long, env = "NBDCRYPT_DEVICE_ID", conflicts_with = "config")]
@@ -282,6 +389,27 @@ pub struct ServeArgs {
     pub strict_binding: bool,
     #[command(flatten)]
     pub kms: KmsArgs,
+    /// Serve Prometheus metrics over HTTP on this IP:PORT (e.g. 127.0.0.1:9810) [default: off,
+    /// or the config file's server.metrics_listen].
+    #[arg(long)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The control socket for status/suspend/resume ("" turns it off) [default:
+    /// /run/nbdcrypt/NAME.ctl, NAME being the config file's stem or the export name].
+    #[arg(long, value_parser = path_or_empty)]
+    pub control_socket: Option<PathBuf>,
+}
+
+/// A path, where an empty string is allowed (it means "off").
+fn path_or_empty(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
+}
+
+fn parse_tls(s: &str) -> Result<TlsMode, String> {
+    crate::config::parse_tls_mode(s).ok_or_else(|| "must be off, optional or require".into())
+}
+
+fn parse_octal_mode(s: &str) -> Result<u32, String> {
+    crate::config::parse_mode(s).ok_or_else(|| format!("{s:?} is not an octal mode such as 0600"))
 }
 
 fn parse_sector_size(s: &str) -> Result<u32, String> {

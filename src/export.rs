@@ -8,13 +8,19 @@
 //! requests in flight, and each sector is written whole).
 //!
 //! This is also the one place where failures become NBD errnos: [`ExportError::errno`].
+//!
+//! The sector cipher sits behind a [`CipherGate`]: `nbdcrypt suspend` drops it (the key
+//! schedules are freed) and cipher calls wait until `resume` gives a new one; the I/O paths
+//! below do not change. The export also carries its [`ExportMetrics`].
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::backend::Backend;
 use crate::buf::AlignedBuf;
-use crate::crypto::{CipherError, SectorCipher};
+use crate::crypto::{CipherError, CipherGate, GateError, GateState, SectorCipher};
+use crate::metrics::{ExportMetrics, Fault};
 use crate::nbd::proto;
 use crate::units::{ByteRange, SectorIndex, SectorSize};
 
@@ -33,9 +39,12 @@ pub enum ExportError {
     /// A read or cache request reaches past the end of the export.
     #[error("read of {len} bytes at offset {offset} is past the end of the export ({size} bytes)")]
     ReadOutOfRange { offset: u64, len: u64, size: u64 },
-    /// A write, zero or trim request reaches past the end of the export.
+    /// A write or zero request reaches past the end of the export.
     #[error("write of {len} bytes at offset {offset} is past the end of the export ({size} bytes)")]
     WriteOutOfRange { offset: u64, len: u64, size: u64 },
+    /// A trim request reaches past the end of the export (the spec wants EINVAL, as reads).
+    #[error("trim of {len} bytes at offset {offset} is past the end of the export ({size} bytes)")]
+    TrimOutOfRange { offset: u64, len: u64, size: u64 },
     /// The export is read-only.
     #[error("the export is read-only")]
     ReadOnly,
@@ -54,20 +63,74 @@ pub enum ExportError {
     /// The sector cipher failed (never expected: its preconditions are checked at open).
     #[error("sector cipher failed")]
     Cipher(#[from] CipherError),
+    /// The export was suspended and the server shut down before it was resumed.
+    #[error("the export is suspended and the server is shutting down")]
+    ShuttingDown,
+    /// An earlier flush failed, so writes acknowledged before it may never reach the raw
+    /// volume, and no later flush can vouch for them (see [`Export::flush`]).
+    #[error("an earlier flush of the raw volume failed; writes may have been lost (restart to clear)")]
+    FlushFailedEarlier,
 }
 
 impl ExportError {
+    /// Whether the raw volume (or the cipher) failed, as opposed to a request refused for
+    /// what it asked. These are the errors [`Export::io_errors`] counts.
+    pub fn is_io(&self) -> bool {
+        match self {
+            ExportError::NoSpace(_) | ExportError::Io(_) | ExportError::Cipher(_) | ExportError::FlushFailedEarlier => {
+                true
+            }
+            ExportError::ReadOutOfRange { .. }
+            | ExportError::WriteOutOfRange { .. }
+            | ExportError::TrimOutOfRange { .. }
+            | ExportError::ReadOnly
+            | ExportError::TooLarge { .. }
+            | ExportError::NotSupported(_)
+            | ExportError::ShuttingDown => false,
+        }
+    }
+
     /// The NBD error code for the reply. Exhaustive on purpose: a new variant must pick one.
     pub fn errno(&self) -> u32 {
         match self {
             ExportError::ReadOutOfRange { .. } => proto::EINVAL,
             ExportError::WriteOutOfRange { .. } => proto::ENOSPC,
+            ExportError::TrimOutOfRange { .. } => proto::EINVAL,
             ExportError::ReadOnly => proto::EPERM,
             ExportError::TooLarge { .. } => proto::EINVAL,
             ExportError::NotSupported(_) => proto::ENOTSUP,
             ExportError::NoSpace(_) => proto::ENOSPC,
             ExportError::Io(_) => proto::EIO,
             ExportError::Cipher(_) => proto::EIO,
+            ExportError::ShuttingDown => proto::ESHUTDOWN,
+            ExportError::FlushFailedEarlier => proto::EIO,
+        }
+    }
+
+    /// Whose fault the failure is, for logging: a client's bad request is logged at debug, the
+    /// server's failures also at warn (rate-limited). Exhaustive, like [`ExportError::errno`].
+    pub fn fault(&self) -> Fault {
+        match self {
+            ExportError::ReadOutOfRange { .. }
+            | ExportError::WriteOutOfRange { .. }
+            | ExportError::TrimOutOfRange { .. }
+            | ExportError::ReadOnly
+            | ExportError::TooLarge { .. }
+            | ExportError::NotSupported(_) => Fault::Client,
+            ExportError::NoSpace(_)
+            | ExportError::Io(_)
+            | ExportError::Cipher(_)
+            | ExportError::ShuttingDown
+            | ExportError::FlushFailedEarlier => Fault::Server,
+        }
+    }
+}
+
+impl From<GateError> for ExportError {
+    fn from(e: GateError) -> Self {
+        match e {
+            GateError::Closed => ExportError::ShuttingDown,
+            GateError::Cipher(c) => ExportError::Cipher(c),
         }
     }
 }
@@ -117,23 +180,83 @@ pub struct Export {
     opts: ExportOptions,
     geometry: Geometry,
     backend: Arc<dyn Backend>,
-    cipher: SectorCipher,
+    cipher: CipherGate,
     locks: RangeLocks,
     /// See [`Export::io_align`].
     io_align: u64,
+    metrics: ExportMetrics,
+    /// Requests that failed on the raw volume (see [`ExportError::is_io`]).
+    io_errors: AtomicU64,
+    /// Flushes of the raw volume: one at a time, shared by the requests waiting for them,
+    /// and the record of a failure (see [`Export::flush`]).
+    flushes: FlushGate,
 }
 
 impl Export {
     pub fn new(opts: ExportOptions, geometry: Geometry, backend: Arc<dyn Backend>, cipher: SectorCipher) -> Self {
         // Both are powers of two no larger than 4096, so the larger is a multiple of both.
         let io_align = geometry.sector_size.bytes_u64().max(backend.alignment());
-        Export { opts, geometry, backend, cipher, locks: RangeLocks::default(), io_align }
+        let metrics = ExportMetrics::default();
+        metrics.set_unlocked(Some(std::time::SystemTime::now()));
+        Export {
+            opts,
+            geometry,
+            backend,
+            cipher: CipherGate::new(cipher),
+            locks: RangeLocks::default(),
+            io_align,
+            metrics,
+            io_errors: AtomicU64::new(0),
+            flushes: FlushGate::default(),
+        }
     }
 
     /// True if the raw volume is cache-backed (buffered), so reads of cached data and small
     /// writes can be done inline by the connection (see [`Export::try_write`]).
     pub fn cached(&self) -> bool {
         self.backend.cached_writes()
+    }
+    pub fn metrics(&self) -> &ExportMetrics {
+        &self.metrics
+    }
+
+    /// The raw volume (for re-reading the header on resume).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    /// Drops the sector cipher, so no key schedule of this volume is left in memory, then
+    /// flushes. Requests that need the cipher wait until [`Export::resume`]. The cipher goes
+    /// first so that a failing flush cannot leave the key in memory; the flush still covers
+    /// every write acknowledged before the suspend. Returns `Ok(false)` if already suspended.
+    /// Blocking: call it off the async runtime.
+    pub fn suspend(&self) -> Result<bool, ExportError> {
+        let suspended = self.cipher.suspend();
+        if suspended {
+            self.metrics.set_unlocked(None);
+        }
+        self.flush()?;
+        Ok(suspended)
+    }
+
+    /// Gives a suspended export its cipher back (built from a key that was unlocked again and
+    /// checked against this volume) and releases the waiting requests. False if not suspended.
+    pub fn resume(&self, cipher: SectorCipher) -> bool {
+        let resumed = self.cipher.resume(cipher);
+        if resumed {
+            self.metrics.set_unlocked(Some(std::time::SystemTime::now()));
+        }
+        resumed
+    }
+
+    /// At shutdown: requests waiting on a suspended export fail with `ESHUTDOWN` instead of
+    /// holding up the drain.
+    pub fn close(&self) {
+        self.cipher.close();
+    }
+
+    pub fn state(&self) -> GateState {
+        self.cipher.state()
     }
 
     pub fn name(&self) -> &str {
@@ -158,6 +281,18 @@ impl Export {
 
     pub fn geometry(&self) -> Geometry {
         self.geometry
+    }
+
+    /// Requests answered with an error because the raw volume failed, since the export opened.
+    pub fn io_errors(&self) -> u64 {
+        self.io_errors.load(Ordering::Relaxed)
+    }
+
+    /// Counts a failed request; called where the reply status is decided.
+    pub fn record_error(&self, e: &ExportError) {
+        if e.is_io() {
+            self.io_errors.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn check_read(&self, offset: u64, len: u64) -> Result<ByteRange, ExportError> {
@@ -204,17 +339,22 @@ impl Export {
     }
 
     /// Reads and decrypts the `io_align`-aligned range `wide` into `buf` (`wide.len` bytes).
-    /// With `nowait`, only if the backend can do it without blocking: `Ok(false)` otherwise.
+    /// With `nowait`, only if neither the backend nor a suspended cipher makes it wait:
+    /// `Ok(false)` otherwise.
     fn read_raw(&self, wide: ByteRange, buf: &mut [u8], nowait: bool) -> Result<bool, ExportError> {
-        if nowait {
-            if !self.backend.try_read_at(buf, self.raw(wide.offset))? {
-                return Ok(false);
-            }
-        } else {
+        let first = self.sector_size().sector_of(wide.offset);
+        if !nowait {
             self.backend.read_at(buf, self.raw(wide.offset))?;
+            self.cipher.decrypt(first, buf)?;
+            return Ok(true);
         }
-        self.cipher.decrypt(self.sector_size().sector_of(wide.offset), buf)?;
-        Ok(true)
+        if !self.backend.try_read_at(buf, self.raw(wide.offset))? {
+            return Ok(false);
+        }
+        match self.cipher.try_decrypt(first, buf) {
+            Some(r) => r.map(|()| true).map_err(ExportError::from),
+            None => Ok(false),
+        }
     }
 
     /// Checks a read and plans it: which aligned range of the volume to read, and where the
@@ -270,15 +410,16 @@ impl Export {
         }
         let wide = self.widen(r).ok_or(ExportError::WriteOutOfRange { offset, len: r.len, size: self.size() })?;
         let guard = self.locks.lock(wide);
-        self.write_locked(r, wide, data, &guard)?;
+        self.write_locked(r, wide, data, &guard, false)?;
         drop(guard);
         self.maybe_fua(fua)
     }
 
     /// The inline fast path of [`Export::write`], for a caller that must not block (an async
     /// task): does the write only if it needs neither the device nor a wait — an aligned,
-    /// page-sized write, no FUA, into a cache-backed volume, whose range no other write holds.
-    /// `Ok(false)` leaves `data` untouched: call [`Export::write`] on a blocking thread.
+    /// page-sized write, no FUA, into a cache-backed volume, whose range no other write holds,
+    /// with the cipher not suspended. `Ok(false)` leaves `data` untouched: call
+    /// [`Export::write`] on a blocking thread.
     pub fn try_write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<bool, ExportError> {
         let r = self.check_write(offset, data.len() as u64)?;
         // Page alignment: a partial-page buffered write may have to read the page first.
@@ -286,28 +427,37 @@ impl Export {
             return Ok(false);
         }
         let Some(guard) = self.locks.try_lock(r) else { return Ok(false) };
-        self.write_locked(r, r, data, &guard)?;
-        Ok(true)
+        self.write_locked(r, r, data, &guard, true)
     }
 
-    /// The write itself, under the range lock on `wide` (the io-aligned cover of `r`).
+    /// The write itself, under the range lock on `wide` (the io-aligned cover of `r`). With
+    /// `nowait` (aligned writes only), `Ok(false)` and `data` untouched if the cipher is
+    /// suspended.
     fn write_locked(
         &self,
         r: ByteRange,
         wide: ByteRange,
         data: &mut [u8],
         _lock: &RangeGuard<'_>,
-    ) -> Result<(), ExportError> {
+        nowait: bool,
+    ) -> Result<bool, ExportError> {
         let ss = self.sector_size();
         if r == wide {
-            self.cipher.encrypt(ss.sector_of(r.offset), data)?;
+            if nowait {
+                match self.cipher.try_encrypt(ss.sector_of(r.offset), data) {
+                    Some(res) => res?,
+                    None => return Ok(false),
+                }
+            } else {
+                self.cipher.encrypt(ss.sector_of(r.offset), data)?;
+            }
             self.backend.write_at(data, self.raw(r.offset))?;
         } else {
             let mut buf = self.read_modify(r, wide, |dst| dst.copy_from_slice(data))?;
             self.cipher.encrypt(ss.sector_of(wide.offset), &mut buf)?;
             self.backend.write_at(&buf, self.raw(wide.offset))?;
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Builds the plaintext of the widened range: the partial head and tail blocks read and
@@ -393,7 +543,10 @@ impl Export {
     /// partial sectors) does nothing, which the spec permits: trimmed data reads back as
     /// unspecified contents.
     pub fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), ExportError> {
-        let r = self.check_write(offset, len)?;
+        let r = self.check_write(offset, len).map_err(|e| match e {
+            ExportError::WriteOutOfRange { offset, len, size } => ExportError::TrimOutOfRange { offset, len, size },
+            other => other,
+        })?;
         if self.opts.allow_discards && r.len > 0 {
             let mask = self.io_align - 1;
             if let Some(start) = r.offset.checked_add(mask).map(|x| x & !mask) {
@@ -414,8 +567,53 @@ impl Export {
 
     /// Makes every write completed so far durable, for every connection (the raw volume is
     /// shared, so one fdatasync covers all: this is what makes CAN_MULTI_CONN honest).
+    ///
+    /// Once a flush has failed, every later flush fails too, until the export is reopened.
+    /// After fdatasync reports a writeback error, Linux marks the failed pages clean (their
+    /// data is lost) and reports the error once: the next fdatasync succeeds although the
+    /// writes acknowledged before the failure never reached the disk, so a later FLUSH would
+    /// vouch for lost data. QEMU's file driver does the same (`page_cache_inconsistent`);
+    /// PostgreSQL panics ("fsyncgate").
+    ///
+    /// Flushes of the raw volume run one at a time: of two concurrent fdatasync calls only
+    /// one reports the error, and the other may return success before the failure is known
+    /// here. Requests do not queue one fdatasync each, though (group commit): a request is
+    /// answered by the first flush that *starts* after it arrived, so every request waiting
+    /// while a flush runs shares the next one.
     pub fn flush(&self) -> Result<(), ExportError> {
-        self.backend.flush().map_err(ExportError::from)
+        let gate = &self.flushes;
+        // A poisoned lock only means a thread panicked while holding it; the counters are
+        // only ever updated whole.
+        let mut st = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+        let needed = st.started + 1;
+        loop {
+            if st.failed {
+                return Err(ExportError::FlushFailedEarlier);
+            }
+            if st.finished >= needed {
+                return Ok(());
+            }
+            if st.running {
+                st = gate.finished.wait(st).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            st.running = true;
+            st.started += 1;
+            let this = st.started;
+            drop(st);
+            let result = self.backend.flush();
+            st = gate.state.lock().unwrap_or_else(|p| p.into_inner());
+            st.running = false;
+            st.finished = this;
+            if let Err(e) = result {
+                st.failed = true;
+                drop(st);
+                gate.finished.notify_all();
+                tracing::error!(export = %self.opts.name, error = %e, "flush of the raw volume failed: writes may be lost; every later flush will fail until restart");
+                return Err(ExportError::from(e));
+            }
+            gate.finished.notify_all();
+        }
     }
 
     fn maybe_fua(&self, fua: bool) -> Result<(), ExportError> {
@@ -435,6 +633,25 @@ impl Export {
     pub fn first_sector(&self) -> SectorIndex {
         SectorIndex(0)
     }
+}
+
+/// The state of [`Export::flush`]: flushes are numbered as they start.
+#[derive(Debug, Default)]
+struct FlushGate {
+    state: Mutex<FlushState>,
+    finished: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct FlushState {
+    /// A flush of the raw volume is running (it is number `started`).
+    running: bool,
+    /// Flushes started so far.
+    started: u64,
+    /// The number of the last flush that finished.
+    finished: u64,
+    /// A flush has failed: no later flush may succeed.
+    failed: bool,
 }
 
 /// Exclusive locks on byte ranges, for writers. A short critical section scans the (small)
@@ -609,6 +826,7 @@ mod tests {
         assert_eq!(e.write(2048, &mut vec![0; 512], false).unwrap_err().errno(), proto::ENOSPC);
         assert_eq!(e.write_zeroes(u64::MAX, 2, false, false).unwrap_err().errno(), proto::ENOSPC);
         assert_eq!(e.validate_read(u64::MAX, 1).unwrap_err().errno(), proto::EINVAL);
+        assert_eq!(e.trim(2048, 512, false).unwrap_err().errno(), proto::EINVAL);
     }
 
     #[test]
@@ -620,6 +838,124 @@ mod tests {
         let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 1 << 16 };
         let e = Export::new(opts, geo, mem, SectorCipher::new(&key, SectorSize::S512).unwrap());
         assert_eq!(e.write(0, &mut vec![0; 512], false).unwrap_err().errno(), proto::EPERM);
+    }
+
+    #[test]
+    fn only_raw_volume_failures_are_counted() {
+        use crate::backend::fault::{FaultBackend, FaultPlan};
+        let fault = Arc::new(FaultBackend::new(vec![0u8; 16384], 512, 1));
+        let key = VolumeKey::generate().unwrap();
+        let opts =
+            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
+        let e = Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap());
+        fault.set_faults(FaultPlan { write_eio: 1_000_000, ..Default::default() });
+        let io = e.write(0, &mut vec![1; 512], false).unwrap_err();
+        let range = e.write(1 << 20, &mut vec![1; 512], false).unwrap_err();
+        e.record_error(&io);
+        e.record_error(&range);
+        assert_eq!((io.errno(), range.errno()), (proto::EIO, proto::ENOSPC));
+        assert_eq!(e.io_errors(), 1);
+    }
+
+    #[test]
+    fn a_failed_flush_fails_every_later_flush() {
+        use crate::backend::fault::{FaultBackend, FaultPlan};
+        let fault = Arc::new(FaultBackend::new(vec![0u8; 16384], 512, 1));
+        let key = VolumeKey::generate().unwrap();
+        let opts =
+            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
+        let e = Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap());
+        e.write(0, &mut vec![1; 512], false).unwrap();
+        fault.set_faults(FaultPlan { flush_eio: 1_000_000, ..Default::default() });
+        assert_eq!(e.flush().unwrap_err().errno(), proto::EIO);
+        // The disk works again, but the write above was lost with the failed flush.
+        fault.set_faults(FaultPlan::default());
+        assert!(matches!(e.flush(), Err(ExportError::FlushFailedEarlier)));
+        assert_eq!(e.write(512, &mut vec![2; 512], true).unwrap_err().errno(), proto::EIO, "FUA flushes too");
+        assert!(fault.durable_image()[..512].iter().all(|&b| b == 0));
+    }
+
+    /// Flushes racing with a flush that fails: none may succeed over writes the failure lost
+    /// (a concurrent fdatasync can return 0 after another consumed the writeback error).
+    #[test]
+    fn no_flush_succeeds_over_writes_lost_by_a_concurrent_failed_flush() {
+        use crate::backend::fault::{CutMode, FaultBackend, FaultPlan};
+        use std::sync::atomic::AtomicU64;
+        const THREADS: u64 = 4;
+        const WRITES: u64 = 60;
+        let size = (THREADS * WRITES * 512) as usize;
+        let opts =
+            || ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: size as u64 };
+        for seed in 0..20 {
+            let key = VolumeKey::generate().unwrap();
+            let fault = Arc::new(FaultBackend::new(vec![0u8; size], 512, seed));
+            fault.set_faults(FaultPlan {
+                flush_eio: 100_000,
+                flush_eio_return_us: 500,
+                flush_us: 300,
+                ..Default::default()
+            });
+            let e =
+                Arc::new(Export::new(opts(), geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap()));
+            let clock = Arc::new(AtomicU64::new(0));
+            let threads: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (e, clock) = (e.clone(), clock.clone());
+                    std::thread::spawn(move || {
+                        // (sector, acked at) and (flush issued at, succeeded)
+                        let mut log = Vec::new();
+                        for i in 0..WRITES {
+                            let sector = t * WRITES + i;
+                            e.write(sector * 512, &mut vec![(sector % 251) as u8 + 1; 512], false).unwrap();
+                            let acked = clock.fetch_add(1, Ordering::SeqCst);
+                            let issued = clock.fetch_add(1, Ordering::SeqCst);
+                            log.push((sector, acked, issued, e.flush().is_ok()));
+                        }
+                        log
+                    })
+                })
+                .collect();
+            let log: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+            let image = fault.power_cut(CutMode::DropAll);
+            let after = Export::new(
+                opts(),
+                geo,
+                Arc::new(FaultBackend::new(image, 512, 0)),
+                SectorCipher::new(&key, SectorSize::S512).unwrap(),
+            );
+            let last_ok_flush = log.iter().filter(|l| l.3).map(|l| l.2).max();
+            for &(sector, acked, _, _) in &log {
+                if last_ok_flush.is_some_and(|f| acked < f) {
+                    let mut got = vec![0u8; 512];
+                    after.read(sector * 512, &mut got).unwrap();
+                    assert!(got.iter().all(|&b| b == (sector % 251) as u8 + 1), "seed {seed}: sector {sector} lost");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn concurrent_flushes_share_one_flush_of_the_raw_volume() {
+        use crate::backend::fault::{FaultBackend, FaultPlan};
+        let fault = Arc::new(FaultBackend::new(vec![0u8; 16384], 512, 1));
+        fault.set_faults(FaultPlan { flush_us: 3000, ..Default::default() });
+        let key = VolumeKey::generate().unwrap();
+        let opts =
+            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
+        let e = Arc::new(Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap()));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let e = e.clone();
+                std::thread::spawn(move || (0..10).for_each(|_| e.flush().unwrap()))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        let backend_flushes = fault.stats().flushes;
+        assert!(backend_flushes < 60, "80 flush requests cost {backend_flushes} flushes of the raw volume");
     }
 
     #[test]

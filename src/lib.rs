@@ -10,6 +10,7 @@
 //!   [`nbd::handshake`] and [`nbd::transmission`] drive one connection over any async stream.
 //! - [`server`]: listeners (TCP, Unix), the connection cap, and a shutdown that drains
 //!   in-flight requests and flushes before exit.
+//! - [`tls`]: TLS credentials (rustls on AWS-LC) for `NBD_OPT_STARTTLS` on TCP listeners.
 //! - [`export`]: one served volume: geometry, the sector cipher, read-modify-write for I/O that
 //!   is not sector-aligned, and the one place where failures become NBD errnos.
 //! - [`backend`]: the raw volume (file or block device, buffered or `O_DIRECT`) behind a
@@ -22,19 +23,33 @@
 //! - [`identity`]: which cloud volume a device is (EBS volume id), for the header's binding.
 //! - [`volume`]: opening a volume: read the header, unlock a slot, verify, build an export.
 //! - [`cli`], [`config`], [`commands`]: the command line, the TOML config, and the commands.
+//!
+//! Operations, beside the data path:
+//!
+//! - [`metrics`]: per-export atomic counters and the KMS hook, encoded as Prometheus text;
+//!   [`metrics_http`] serves them.
+//! - [`control`]: the control socket protocol behind `status`, `suspend` and `resume` (the
+//!   suspend gate itself is [`crypto::CipherGate`], inside the export).
+//! - [`logging`]: tracing setup with a reloadable level; [`notify`]: systemd's `sd_notify`.
 
 pub mod backend;
 pub mod buf;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod crypto;
 pub mod export;
 pub mod hardening;
 pub mod header;
 pub mod identity;
 pub mod keys;
+pub mod logging;
+pub mod metrics;
+pub mod metrics_http;
 pub mod nbd;
+pub mod notify;
 pub mod server;
+pub mod tls;
 pub mod units;
 pub mod volume;

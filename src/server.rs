@@ -1,12 +1,21 @@
 //! Listeners and connection lifecycle (the mini-redis shape).
 //!
-//! Each listener accepts under a shared connection cap (a semaphore); each connection runs
-//! in its own task and logs its own error. Shutdown is a `watch` flag: listeners stop
-//! accepting, connections stop reading new requests and drain what is in flight; the server
-//! knows every connection has finished when every task's clone of `done_tx` is dropped.
-//! Exports are then flushed once more before the process exits.
+//! Each listener accepts under a shared connection cap (a semaphore); a connection over the
+//! cap is closed at once, with a (rate-limited) log line. Each connection runs in its own task
+//! and logs its own error: the handshake (bounded by a timeout that covers the TLS handshake
+//! too), the TLS upgrade when the client asks for it on a TCP listener, then transmission.
+//!
+//! Shutdown is a `watch` flag: listeners stop accepting, handshakes still running get
+//! `NBD_REP_ERR_SHUTDOWN` for the grace period, connections in transmission finish what is in
+//! flight and answer `NBD_ESHUTDOWN` for the grace period. The server knows every connection
+//! has finished when every task's clone of `done_tx` is dropped; exports are then flushed once
+//! more before the process exits.
+//!
+//! Unix sockets are created with their final mode and owner before clients can reach them:
+//! bound inside a fresh private (0700) directory, chmod/chown'ed there, then renamed into place.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,30 +23,56 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Semaphore};
 
-use crate::nbd::handshake::{self, Catalog};
+use crate::nbd::handshake::{self, Catalog, HandshakeError, Negotiated, Outcome, TlsState};
 use crate::nbd::transmission::{self, Limits};
+use crate::tls::TlsSetup;
+
+/// Who may connect to a Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketPerms {
+    /// Permission bits of the socket file (connecting needs write permission).
+    pub mode: u32,
+    /// Owner, by name (looked up in /etc/passwd) or numeric id; `None` keeps the daemon's.
+    pub owner: Option<String>,
+    /// Group, by name (looked up in /etc/group) or numeric id; `None` keeps the daemon's.
+    pub group: Option<String>,
+}
+
+impl Default for SocketPerms {
+    fn default() -> Self {
+        SocketPerms { mode: 0o600, owner: None, group: None }
+    }
+}
 
 /// Send buffer asked for on Unix-socket connections (the default, about 200 KiB, makes a
 /// 1 MiB reply take several writes and wake-ups; TCP autotunes its own).
 const UNIX_SNDBUF: usize = 2 << 20;
 
 /// Where to listen.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
     Tcp(String),
-    Unix { path: PathBuf, mode: u32 },
+    Unix { path: PathBuf, perms: SocketPerms },
 }
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub max_connections: usize,
+    /// Bounds the whole handshake, TLS included.
     pub handshake_timeout: Duration,
     pub limits: Limits,
+    /// TLS for TCP listeners (Unix sockets never use TLS: file permissions guard them).
+    pub tls: TlsSetup,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
-        ServerOptions { max_connections: 64, handshake_timeout: Duration::from_secs(10), limits: Limits::default() }
+        ServerOptions {
+            max_connections: 64,
+            handshake_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
+            tls: TlsSetup::off(),
+        }
     }
 }
 
@@ -49,12 +84,12 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `addr`. A Unix socket is created with `mode` (umask-independent) and a stale
-    /// socket file left by a previous run is replaced only if nothing listens on it.
+    /// Binds `addr`. A stale Unix socket file left by a previous run is replaced only if
+    /// nothing listens on it.
     pub async fn bind(addr: &ListenAddr) -> std::io::Result<Listener> {
         match addr {
             ListenAddr::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a).await?)),
-            ListenAddr::Unix { path, mode } => {
+            ListenAddr::Unix { path, perms } => {
                 if path.exists() {
                     if std::os::unix::net::UnixStream::connect(path).is_ok() {
                         return Err(std::io::Error::new(
@@ -64,9 +99,7 @@ impl Listener {
                     }
                     std::fs::remove_file(path)?;
                 }
-                let l = UnixListener::bind(path)?;
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))?;
+                let l = bind_unix_private(path, perms)?;
                 Ok(Listener::Unix(l, path.clone()))
             }
         }
@@ -88,10 +121,68 @@ impl Drop for Listener {
     }
 }
 
+/// Binds a Unix socket at `path` that nobody can connect to with other permissions than
+/// `perms`: bound in a private 0700 directory beside `path`, given its mode and owner there,
+/// then renamed into place (the rename is atomic and keeps the listening socket).
+fn bind_unix_private(path: &Path, perms: &SocketPerms) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let uid = perms.owner.as_deref().map(|o| lookup_id(o, "/etc/passwd", "user")).transpose()?;
+    let gid = perms.group.as_deref().map(|g| lookup_id(g, "/etc/group", "group")).transpose()?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().ok_or_else(|| invalid(format!("{} is not a socket path", path.display())))?;
+    let private = parent.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let result = (|| {
+        let tmp = private.join("s");
+        let l = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(perms.mode))?;
+        if uid.is_some() || gid.is_some() {
+            rustix::fs::chown(&tmp, uid.map(rustix::fs::Uid::from_raw), gid.map(rustix::fs::Gid::from_raw))?;
+        }
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    result
+}
+
+fn invalid(msg: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+}
+
+/// A user or group id: a number, or a name looked up in `db` (`/etc/passwd` or `/etc/group`:
+/// `name:password:id:...`). Names served only by NSS modules (LDAP, ...) need the numeric id.
+pub fn lookup_id(who: &str, db: &str, what: &str) -> std::io::Result<u32> {
+    let id = match who.parse::<u32>() {
+        Ok(id) => id,
+        Err(_) => {
+            let text = std::fs::read_to_string(db)?;
+            text.lines()
+                .filter_map(|line| {
+                    let mut f = line.split(':');
+                    let name = f.next()?;
+                    let id = f.nth(1)?.parse::<u32>().ok()?;
+                    (name == who).then_some(id)
+                })
+                .next()
+                .ok_or_else(|| invalid(format!("no {what} named {who:?} in {db}")))?
+        }
+    };
+    if id == u32::MAX {
+        return Err(invalid(format!("{what} id {id} is not valid")));
+    }
+    Ok(id)
+}
+
 /// Runs the listeners until `shutdown` turns true, then waits for every connection to drain.
 pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions, shutdown: watch::Receiver<bool>) {
     let cap = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let refused = Arc::new(RefusalLog::default());
     let mut tasks = Vec::new();
     for l in listeners {
         let ctx = AcceptCtx {
@@ -100,6 +191,7 @@ pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions
             cap: cap.clone(),
             shutdown: shutdown.clone(),
             done: done_tx.clone(),
+            refused: refused.clone(),
         };
         tasks.push(tokio::spawn(accept_loop(l, ctx)));
     }
@@ -111,6 +203,26 @@ pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions
     let _ = done_rx.recv().await;
 }
 
+/// Connections refused at the cap: logged at most once a second, with a count, so a flood
+/// cannot flood the log too.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last_logged_sec: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+impl RefusalLog {
+    fn refused(&self, peer: &str, cap: usize) {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
+        let count = self.unlogged.fetch_add(1, Ordering::Relaxed) + 1;
+        if self.last_logged_sec.swap(now, Ordering::Relaxed) != now {
+            self.unlogged.store(0, Ordering::Relaxed);
+            tracing::warn!(%peer, max_connections = cap, refused = count, "connection refused: connection limit reached");
+        }
+    }
+}
+
 #[derive(Clone)]
 struct AcceptCtx {
     catalog: Catalog,
@@ -118,6 +230,7 @@ struct AcceptCtx {
     cap: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
+    refused: Arc<RefusalLog>,
 }
 
 async fn accept_loop(listener: Listener, mut ctx: AcceptCtx) {
@@ -137,8 +250,8 @@ async fn accept_loop(listener: Listener, mut ctx: AcceptCtx) {
             }
         };
         let Ok(permit) = ctx.cap.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection refused: connection limit reached");
-            continue;
+            ctx.refused.refused(&peer, ctx.opts.max_connections);
+            continue; // dropping the stream closes it
         };
         let c = ctx.clone();
         tokio::spawn(async move {
@@ -147,13 +260,14 @@ async fn accept_loop(listener: Listener, mut ctx: AcceptCtx) {
             match stream {
                 Stream::Tcp(s) => {
                     let _ = s.set_nodelay(true);
-                    connection(s, peer, c).await
+                    let tls = TlsState { mode: c.opts.tls.mode, active: false };
+                    connection(s, peer, tls, c).await
                 }
                 Stream::Unix(s) => {
                     // Room for a whole large reply per write: fewer partial writes and
                     // wake-ups (the kernel caps it at net.core.wmem_max).
                     let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SNDBUF);
-                    connection(s, peer, c).await
+                    connection(s, peer, TlsState::OFF, c).await
                 }
             }
         });
@@ -168,34 +282,102 @@ enum Stream {
 async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {
     match l {
         Listener::Tcp(t) => t.accept().await.map(|(s, a)| (Stream::Tcp(s), a.to_string())),
-        Listener::Unix(u, p) => u.accept().await.map(|(s, _)| (Stream::Unix(s), format!("unix:{}", p.display()))),
+        Listener::Unix(u, p) => u.accept().await.map(|(s, _)| {
+            // The peer's pid tells connections on one socket apart (nbd-client -C N).
+            let pid = s.peer_cred().ok().and_then(|c| c.pid()).map(|p| format!(" pid {p}")).unwrap_or_default();
+            let peer = format!("unix:{}{pid}", p.display());
+            (Stream::Unix(s), peer)
+        }),
     }
 }
 
-async fn connection<S>(mut stream: S, peer: String, ctx: AcceptCtx)
+/// Why a connection ended before transmission.
+#[derive(Debug, thiserror::Error)]
+enum ConnectError {
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    #[error("TLS handshake failed")]
+    Tls(#[source] std::io::Error),
+    #[error("client asked for STARTTLS but no TLS acceptor is configured")]
+    NoAcceptor,
+}
+
+/// Where the handshake left the connection.
+enum Ready<S> {
+    Plain(S, Negotiated),
+    Tls(Box<tokio_rustls::server::TlsStream<S>>, Negotiated),
+    Closed,
+}
+
+async fn handshake<S>(mut stream: S, tls: TlsState, ctx: &AcceptCtx) -> Result<Ready<S>, ConnectError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let flags = handshake::greet(&mut stream).await?;
+    match handshake::haggle(&mut stream, &ctx.catalog, flags, tls, &ctx.shutdown).await? {
+        Outcome::Transmission(neg) => Ok(Ready::Plain(stream, neg)),
+        Outcome::Abort => Ok(Ready::Closed),
+        Outcome::StartTls => {
+            let acceptor = ctx.opts.tls.acceptor().ok_or(ConnectError::NoAcceptor)?;
+            let mut tls_stream = acceptor.accept(stream).await.map_err(ConnectError::Tls)?;
+            let tls = TlsState { mode: tls.mode, active: true };
+            match handshake::haggle(&mut tls_stream, &ctx.catalog, flags, tls, &ctx.shutdown).await? {
+                Outcome::Transmission(neg) => Ok(Ready::Tls(Box::new(tls_stream), neg)),
+                // StartTls is refused once TLS is active, so only Abort is left.
+                Outcome::Abort | Outcome::StartTls => Ok(Ready::Closed),
+            }
+        }
+    }
+}
+
+async fn connection<S>(stream: S, peer: String, tls: TlsState, ctx: AcceptCtx)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let neg =
-        match tokio::time::timeout(ctx.opts.handshake_timeout, handshake::negotiate(&mut stream, &ctx.catalog)).await {
-            Err(_) => {
-                tracing::info!(%peer, "handshake timed out");
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::info!(%peer, error = %error_chain(&e), "handshake failed");
-                return;
-            }
-            Ok(Ok(None)) => return,
-            Ok(Ok(Some(n))) => n,
-        };
+    let mut shutdown = ctx.shutdown.clone();
+    let grace = ctx.opts.limits.shutdown_grace;
+    let ready = tokio::select! {
+        r = tokio::time::timeout(ctx.opts.handshake_timeout, handshake(stream, tls, &ctx)) => r,
+        _ = async { let _ = shutdown.wait_for(|s| *s).await; tokio::time::sleep(grace).await } => {
+            tracing::info!(%peer, "handshake abandoned: the server is shutting down");
+            return;
+        }
+    };
+    let ready = match ready {
+        Err(_) => {
+            tracing::info!(%peer, "handshake timed out");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %error_chain(&e), "handshake failed");
+            return;
+        }
+        Ok(Ok(r)) => r,
+    };
+    match ready {
+        Ready::Closed => {}
+        Ready::Plain(s, neg) => transmit(s, neg, &peer, false, &ctx).await,
+        Ready::Tls(s, neg) => transmit(*s, neg, &peer, true, &ctx).await,
+    }
+}
+
+async fn transmit<S>(stream: S, neg: Negotiated, peer: &str, tls: bool, ctx: &AcceptCtx)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let export = neg.export.name().to_owned();
-    tracing::info!(%peer, %export, structured = neg.structured_replies, "client connected");
+    let exp = neg.export.clone();
+    let client = exp.metrics().connection_opened(peer);
+    tracing::info!(
+        %peer, %export, structured = neg.structured_replies, extended = neg.extended_headers, tls,
+        "client connected"
+    );
     let (r, w) = tokio::io::split(stream);
     match transmission::serve(r, w, neg, ctx.opts.limits, ctx.shutdown.clone()).await {
         Ok(()) => tracing::info!(%peer, %export, "client disconnected"),
         Err(e) => tracing::info!(%peer, %export, error = %error_chain(&e), "connection closed"),
     }
+    exp.metrics().connection_closed(client);
 }
 
 /// "outer: cause: cause" for log lines.
@@ -208,4 +390,44 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numeric_ids_need_no_lookup() {
+        assert_eq!(lookup_id("1234", "/nonexistent", "user").unwrap(), 1234);
+    }
+
+    #[test]
+    fn names_are_looked_up_in_the_database() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("passwd");
+        std::fs::write(&db, "root:x:0:0:root:/root:/bin/sh\nnbd:x:4242:4242::/:/bin/false\n").unwrap();
+        let db = db.to_str().unwrap();
+        assert_eq!(lookup_id("nbd", db, "user").unwrap(), 4242);
+        assert!(lookup_id("nobody-here", db, "user").is_err());
+    }
+
+    #[test]
+    fn id_minus_one_is_refused() {
+        assert!(lookup_id("4294967295", "/nonexistent", "group").is_err());
+    }
+
+    #[tokio::test]
+    async fn unix_socket_gets_its_mode_before_it_appears() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nbd.sock");
+        let perms = SocketPerms { mode: 0o640, owner: None, group: None };
+        let l = Listener::bind(&ListenAddr::Unix { path: path.clone(), perms }).await.unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o640);
+        // Only the socket is left beside it: the private directory is gone.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        drop(l);
+        assert!(!path.exists());
+    }
 }

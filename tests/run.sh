@@ -2,10 +2,14 @@
 # The whole test suite, from a fresh Debian/Ubuntu machine with a Rust toolchain:
 # installs what the tests need (apt + pip), then runs formatting and lint checks, the unit
 # and integration tests (real NBD clients against the real daemon), and the bounded fuzz runs.
+# The short reliability suite (tests/reliability.rs: 20 crash rounds per mode, fault
+# injection, key hygiene, a 1-minute soak; ~2 minutes) is part of `cargo test`; the long one
+# is tests/long.sh.
 #
 #   sudo tests/run.sh            (as root: apt, losetup, mount and FUSE need it)
 #
-# Env: SKIP_INSTALL=1 (tools already there), NBDCRYPT_SKIP_E2E=1 (no mkfs/mount test).
+# Env: SKIP_INSTALL=1 (tools already there), NBDCRYPT_SKIP_E2E=1 (no mkfs/mount test),
+#      FUZZ_SECONDS=N (per fuzz target, default 20; 0 skips fuzzing).
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,7 +17,8 @@ log() { printf '[tests %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
 APT_PACKAGES=(
     libnbd-bin nbdfuse python3-libnbd nbdkit fio qemu-utils fuse3 e2fsprogs util-linux
-    python3-cryptography jq openssl gawk coreutils procps
+    python3-cryptography jq openssl gawk coreutils procps mount
+    systemd strace nbd-client python3-prometheus-client python3-seccomp
 )
 PIP_PACKAGES=("moto[server]" boto3 cryptography)
 
@@ -40,6 +45,31 @@ install_deps() {
 
 [[ ${SKIP_INSTALL:-0} == 1 ]] || install_deps
 
+# Bounded fuzz runs: each target from its committed corpus (fuzz/corpus/<t>, read-only here)
+# and seeds; new inputs go to a scratch dir, so the checkout is not modified. Stable toolchain:
+# RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z sanitizer flags.
+run_fuzz() {
+    local secs=${FUZZ_SECONDS:-20} t scratch
+    ((secs > 0)) || return 0
+    command -v cargo-fuzz >/dev/null || { log "cargo install cargo-fuzz"; cargo install cargo-fuzz --locked --quiet; }
+    scratch=$(mktemp -d)
+    for t in nbd_request nbd_option nbd_handshake header_decode; do
+        log "fuzz $t for ${secs}s"
+        mkdir -p "$scratch/$t"
+        local dirs=("$scratch/$t")
+        [[ -d fuzz/corpus/$t ]] && dirs+=("corpus/$t")
+        [[ -d fuzz/seeds/$t ]] && dirs+=("seeds/$t")
+        if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" "${dirs[@]}" -- \
+            -max_total_time="$secs" -max_len=16384 -print_final_stats=1 >"$scratch/$t.log" 2>&1); then
+            cat "$scratch/$t.log"
+            log "fuzz $t found a failure (input saved under fuzz/artifacts/$t)"
+            exit 1
+        fi
+        grep -E "^(#[0-9]+.*DONE|stat::number_of_executed_units|stat::peak_rss_mb)" "$scratch/$t.log" || true
+    done
+    rm -rf "$scratch"
+}
+
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
@@ -47,4 +77,5 @@ cargo clippy --all-targets --quiet -- -D warnings
 log "cargo test"
 # Integration tests start daemons and real clients; two at a time fit two cores.
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-2}"
+run_fuzz
 log "all tests passed"

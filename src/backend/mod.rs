@@ -1,14 +1,17 @@
 //! The raw volume under the encryption: a narrow positional-I/O trait, a file/block-device
-//! implementation, and an in-memory fake for tests.
+//! implementation, an in-memory fake for tests, and a fault-injecting fake (power cuts, EIO,
+//! short I/O) for the reliability tests.
 //!
 //! Offsets here are raw-volume byte offsets (the header lives at 0, the data area further on);
 //! the export translates data-area offsets before calling in.
 
 use std::io;
 
+pub mod fault;
 pub mod file;
 pub mod mem;
 
+pub use fault::FaultBackend;
 pub use file::FileBackend;
 pub use mem::MemBackend;
 

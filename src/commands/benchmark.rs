@@ -114,7 +114,7 @@ async fn end_to_end(dir: &Path, size: u64, per_job: Duration, direct: bool) -> R
         let (client, server) = tokio::net::UnixStream::pair().map_err(io_err("cannot create a socket pair"))?;
         let (sr, sw) = server.into_split();
         let (_stop_tx, stop_rx) = watch::channel(false);
-        let neg = Negotiated { export, structured_replies: false };
+        let neg = Negotiated { export, structured_replies: false, extended_headers: false };
         let srv = tokio::spawn(transmission::serve(sr, sw, neg, Limits::default(), stop_rx));
         let mut client = client;
         for job in JOBS {

@@ -8,11 +8,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::cli::{Command, KmsArgs};
 use crate::config::ConfigError;
+use crate::control::ControlError;
 use crate::header::HeaderError;
 use crate::keys::{local, KeyError, KeyProvider, KeySpec, Keyring, KmsOptions};
 use crate::volume::VolumeError;
 
 mod benchmark;
+mod check_config;
+mod control;
+mod docs;
 mod format;
 mod header_tools;
 mod inspect;
@@ -32,6 +36,9 @@ pub enum CmdError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The TLS certificate, key or CA could not be loaded.
+    #[error("TLS setup failed")]
+    Tls(#[from] crate::tls::TlsError),
     /// The command would destroy data or a key and was not told `--yes`.
     #[error("refusing: {0}")]
     Refused(String),
@@ -43,6 +50,15 @@ pub enum CmdError {
     },
     #[error("{0}")]
     Usage(String),
+    /// The daemon's control socket could not be reached or answered nonsense.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// The daemon refused or failed a control request; `exit_code` is the daemon's.
+    #[error("{message}")]
+    Remote { message: String, exit_code: i32 },
+    /// `check-config` found problems (already printed).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl CmdError {
@@ -53,7 +69,9 @@ impl CmdError {
             CmdError::Key(KeyError::UnwrapFailed) => 3,
             CmdError::Refused(_) => 5,
             CmdError::Usage(_) => 2,
-            CmdError::Key(_) | CmdError::Config(_) | CmdError::Io { .. } => 1,
+            CmdError::Control(_) => 6,
+            CmdError::Remote { exit_code, .. } => *exit_code,
+            CmdError::Key(_) | CmdError::Config(_) | CmdError::Tls(_) | CmdError::Io { .. } | CmdError::Invalid(_) => 1,
         }
     }
 }
@@ -78,6 +96,12 @@ pub async fn run(command: Command) -> Result<(), CmdError> {
         Command::Rewrap(args) => rewrap::rewrap(args).await,
         Command::Header(cmd) => header_tools::run(cmd).await,
         Command::Benchmark(args) => benchmark::benchmark(args).await,
+        Command::Status { target, json } => control::status(&target, json).await,
+        Command::Suspend { target, export } => control::suspend(&target, export).await,
+        Command::Resume { target, export, kek_file } => control::resume(&target, export, kek_file).await,
+        Command::CheckConfig { file } => check_config::check_config(&file),
+        Command::Completions { shell } => docs::completions(shell),
+        Command::Manpage { dir } => docs::manpage(dir.as_deref()),
     }
 }
 

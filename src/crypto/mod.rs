@@ -2,13 +2,17 @@
 //!
 //! - `secret`: `VolumeKey`, `Kek` (zeroizing, locked, no `Debug` bytes, not `Clone`).
 //! - `xts`: AES-256-XTS-plain64 over whole sectors, on AWS-LC's `EVP_aes_256_xts`.
+//! - `gate`: the sector cipher behind a suspend/resume gate (the key can be dropped and given
+//!   back while the volume stays served).
 //! - `kdf`: HKDF/HMAC helpers deriving sub-keys (header MAC, key digest) from the volume key.
 
+pub mod gate;
 pub mod kdf;
 pub mod secret;
 pub mod xts;
 #[cfg(test)]
 mod xts_soft;
 
+pub use gate::{CipherGate, GateError, GateState};
 pub use secret::{Kek, Secret, VolumeKey};
-pub use xts::{CipherError, SectorCipher};
+pub use xts::{live_contexts, CipherError, SectorCipher};

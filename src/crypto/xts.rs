@@ -126,7 +126,7 @@ impl SectorCipher {
 
     /// Live AWS-LC contexts of this cipher, for tests of the drop guarantee.
     #[cfg(test)]
-    fn live_counter(&self) -> Arc<AtomicUsize> {
+    pub(crate) fn live_counter(&self) -> Arc<AtomicUsize> {
         Arc::clone(&self.live)
     }
 }
@@ -138,6 +138,17 @@ impl fmt::Debug for SectorCipher {
             .field("contexts", &self.live.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
+}
+
+/// AWS-LC XTS contexts alive in the whole process, over every cipher (templates, idle and in
+/// use). Each holds a key schedule; zero means no volume key schedule is left in an AWS-LC
+/// context. Reported by `nbdcrypt status` so an operator (and the suspend test) can see that a
+/// suspend really freed them.
+static LIVE_CONTEXTS: AtomicUsize = AtomicUsize::new(0);
+
+/// The number of AWS-LC XTS contexts alive in this process (see [`LIVE_CONTEXTS`]).
+pub fn live_contexts() -> usize {
+    LIVE_CONTEXTS.load(Ordering::Relaxed)
 }
 
 /// Encrypt or decrypt: picks the EVP entry points. The two directions need separate contexts,
@@ -194,6 +205,7 @@ impl Ctx {
         let raw = unsafe { ffi::EVP_CIPHER_CTX_new() };
         let ptr = NonNull::new(raw).ok_or_else(|| backend_error("EVP_CIPHER_CTX_new"))?;
         live.fetch_add(1, Ordering::Relaxed);
+        LIVE_CONTEXTS.fetch_add(1, Ordering::Relaxed);
         Ok(Ctx { ptr, live: Arc::clone(live) })
     }
 
@@ -271,6 +283,7 @@ impl Drop for Ctx {
         // i.e. the key schedule) and frees the context.
         unsafe { ffi::EVP_CIPHER_CTX_free(self.ptr.as_ptr()) };
         self.live.fetch_sub(1, Ordering::Relaxed);
+        LIVE_CONTEXTS.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

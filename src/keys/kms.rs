@@ -191,6 +191,33 @@ pub enum KmsError {
 }
 
 impl KmsError {
+    /// A short, bounded label for metrics (`nbdcrypt_kms_errors_total{code}`).
+    pub fn metric_code(&self) -> &'static str {
+        match self {
+            KmsError::AccessDenied { .. } => "access_denied",
+            KmsError::Disabled { .. } => "disabled",
+            KmsError::PendingDeletion { .. } => "pending_deletion",
+            KmsError::InvalidState { .. } => "invalid_state",
+            KmsError::WrongContext { .. } => "wrong_context",
+            KmsError::WrongKey { .. } => "wrong_key",
+            KmsError::NotFound { .. } => "not_found",
+            KmsError::KeyUsage { .. } => "key_usage",
+            KmsError::Throttled { .. } => "throttled",
+            KmsError::Unavailable { .. } => "unavailable",
+            KmsError::Unreachable { .. } => "unreachable",
+            KmsError::Timeout { .. } => "timeout",
+            KmsError::NoCredentials { .. } => "no_credentials",
+            KmsError::CredentialsUnavailable { .. } => "credentials_unavailable",
+            KmsError::BadCredentials { .. } => "bad_credentials",
+            KmsError::NoRegion { .. } => "no_region",
+            KmsError::Request { .. } => "request",
+            KmsError::BadResponse { .. } => "bad_response",
+            KmsError::Protocol { .. } => "protocol",
+            KmsError::Service { .. } => "service",
+            KmsError::GaveUp { .. } => "gave_up",
+        }
+    }
+
     /// Whether retrying the same call may succeed.
     pub fn is_transient(&self) -> bool {
         match self {
@@ -387,11 +414,20 @@ impl KmsProvider {
         Fut: Future<Output = Result<T, SdkError<E>>>,
         E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
     {
-        retry(&self.policy, op, &self.key, &self.endpoint, || {
+        let started = Instant::now();
+        let r = retry(&self.policy, op, &self.key, &self.endpoint, || {
             let fut = send();
             async move { fut.await.map_err(|e| classify(op, &self.key, &self.endpoint, e)) }
         })
-        .await
+        .await;
+        // One logical call (retries included) per sample.
+        // Op names are IAM actions ("kms:Decrypt"); the metric name already says kms.
+        crate::metrics::kms_metrics().record(
+            op.strip_prefix("kms:").unwrap_or(op),
+            started.elapsed(),
+            r.as_ref().map(|_| ()).map_err(KmsError::metric_code),
+        );
+        r
     }
 }
 

@@ -14,11 +14,12 @@
 
 use super::proto::{
     CMD_BLOCK_STATUS, CMD_CACHE, CMD_DISC, CMD_FLUSH, CMD_READ, CMD_RESIZE, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES,
-    IHAVEOPT, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT, INFO_NAME, MAX_NAME_LEN, MAX_OPTION_LEN, MAX_STRING,
-    NBDMAGIC, OPT_ABORT, OPT_EXPORT_NAME, OPT_EXTENDED_HEADERS, OPT_GO, OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT,
-    OPT_SET_META_CONTEXT, OPT_STARTTLS, OPT_STRUCTURED_REPLY, REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS,
-    REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_OFFSET, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA, REP_INFO, REP_MAGIC,
-    REP_META_CONTEXT, REP_SERVER, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
+    EXTENDED_REPLY_MAGIC, EXTENDED_REQUEST_MAGIC, IHAVEOPT, INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT, INFO_NAME,
+    MAX_NAME_LEN, MAX_OPTION_LEN, MAX_STRING, NBDMAGIC, OPT_ABORT, OPT_EXPORT_NAME, OPT_EXTENDED_HEADERS, OPT_GO,
+    OPT_INFO, OPT_LIST, OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
+    REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_ERROR_OFFSET, REPLY_TYPE_NONE,
+    REPLY_TYPE_OFFSET_DATA, REP_INFO, REP_MAGIC, REP_META_CONTEXT, REP_SERVER, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC,
+    STRUCTURED_REPLY_MAGIC,
 };
 
 /// Why bytes could not be decoded.
@@ -446,7 +447,8 @@ impl MetaQuery {
 /// The caller has already bounded the data by [`MAX_OPTION_LEN`] (checked again here). An
 /// error means "reply `NBD_REP_ERR_INVALID` and continue", not disconnect (except after
 /// `NBD_OPT_EXPORT_NAME`, which cannot be answered with an error). Options that take no data
-/// (`ABORT`, `LIST`, `STARTTLS`, `STRUCTURED_REPLY`, `EXTENDED_HEADERS`) must have none. Names
+/// (`LIST`, `STARTTLS`, `STRUCTURED_REPLY`, `EXTENDED_HEADERS`) must have none; `ABORT`
+/// ignores any (the spec says so). Names
 /// and queries must be UTF-8 without NUL, at most 4096 bytes. Unknown codes decode to
 /// [`ClientOption::Unknown`] whatever their data.
 ///
@@ -476,7 +478,8 @@ pub fn decode_option(code: u32, data: &[u8]) -> Result<ClientOption, CodecError>
             }
             ClientOption::ExportName(utf8("export name", name)?)
         }
-        OPT_ABORT => no_data(ClientOption::Abort)?,
+        // "a server SHOULD ignore any data sent by the client rather than rejecting" ABORT.
+        OPT_ABORT => return Ok(ClientOption::Abort),
         OPT_LIST => no_data(ClientOption::List)?,
         OPT_STARTTLS => no_data(ClientOption::StartTls)?,
         OPT_STRUCTURED_REPLY => no_data(ClientOption::StructuredReply)?,
@@ -749,6 +752,78 @@ pub fn decode_request(b: &[u8; REQUEST_LEN]) -> Result<Request, CodecError> {
     Ok(request)
 }
 
+/// A request header in its widest form: the extended header's 64-bit length, or a compact
+/// header's 32-bit one widened. Whether `len` counts payload bytes that follow or the bytes of
+/// the export the command acts on depends on the header style and `NBD_CMD_FLAG_PAYLOAD_LEN`;
+/// that judgement belongs to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtendedRequest {
+    pub flags: u16,
+    pub command: Command,
+    pub cookie: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Length of an extended request header on the wire.
+pub const EXTENDED_REQUEST_LEN: usize = 32;
+
+impl From<Request> for ExtendedRequest {
+    fn from(r: Request) -> Self {
+        ExtendedRequest {
+            flags: r.flags,
+            command: r.command,
+            cookie: r.cookie,
+            offset: r.offset,
+            len: u64::from(r.len),
+        }
+    }
+}
+
+impl ExtendedRequest {
+    /// Encodes the header (the client side; used by tests and fuzzing). Layout at
+    /// [`decode_extended_request`].
+    pub fn encode(&self) -> [u8; EXTENDED_REQUEST_LEN] {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        b[0..4].copy_from_slice(&EXTENDED_REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        b[6..8].copy_from_slice(&self.command.code().to_be_bytes());
+        b[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        b[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        b[24..32].copy_from_slice(&self.len.to_be_bytes());
+        b
+    }
+}
+
+/// Decodes an extended request header (`EXTENDED_HEADERS` extension). Only the magic can be
+/// wrong, as with [`decode_request`].
+///
+/// ```text
+/// C: 32 bits, 0x21e41c71, magic (NBD_EXTENDED_REQUEST_MAGIC)
+/// C: 16 bits, command flags
+/// C: 16 bits, type
+/// C: 64 bits, cookie
+/// C: 64 bits, offset (unsigned)
+/// C: 64 bits, payload/effect length (unsigned)
+/// C: (length bytes of data if flags includes NBD_CMD_FLAG_PAYLOAD_LEN)
+/// ```
+pub fn decode_extended_request(b: &[u8; EXTENDED_REQUEST_LEN]) -> Result<ExtendedRequest, CodecError> {
+    let mut r = Reader::new(b);
+    let magic = r.u32()?;
+    if magic != EXTENDED_REQUEST_MAGIC {
+        return Err(CodecError::BadMagic { expected: u64::from(EXTENDED_REQUEST_MAGIC), got: u64::from(magic) });
+    }
+    let request = ExtendedRequest {
+        flags: r.u16()?,
+        command: Command::from(r.u16()?),
+        cookie: r.u64()?,
+        offset: r.u64()?,
+        len: r.u64()?,
+    };
+    r.expect_empty()?;
+    Ok(request)
+}
+
 /// A simple reply; for a successful read without structured replies, the data follows.
 ///
 /// ```text
@@ -843,6 +918,73 @@ pub fn error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str, of
     if let Some(offset) = offset {
         put_u64(out, offset);
     }
+}
+
+/// The header of an extended reply chunk (`EXTENDED_HEADERS` extension); `len` bytes of
+/// payload follow it. Every reply uses it once extended headers are negotiated.
+///
+/// ```text
+/// S: 32 bits, 0x6e8a278c, magic (NBD_EXTENDED_REPLY_MAGIC)
+/// S: 16 bits, reply flags
+/// S: 16 bits, type
+/// S: 64 bits, cookie (MUST match the request)
+/// S: 64 bits, offset (MUST match the request)
+/// S: 64 bits, length of payload (unsigned)
+/// ```
+pub fn extended_chunk_header(flags: u16, chunk_type: u16, cookie: u64, offset: u64, len: u64) -> [u8; 32] {
+    let mut b = [0u8; 32];
+    b[0..4].copy_from_slice(&EXTENDED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&chunk_type.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..24].copy_from_slice(&offset.to_be_bytes());
+    b[24..32].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// The extended header and offset of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk for a read at
+/// `offset` (which is both the request's offset in the header and the data's offset in the
+/// payload: replies are never split); the caller writes the `data_len` bytes after it.
+pub fn extended_offset_data_header(cookie: u64, offset: u64, data_len: u32, done: bool) -> [u8; 40] {
+    let header =
+        extended_chunk_header(done_flag(done), REPLY_TYPE_OFFSET_DATA, cookie, offset, u64::from(data_len) + 8);
+    let mut b = [0u8; 40];
+    b[0..32].copy_from_slice(&header);
+    b[32..40].copy_from_slice(&offset.to_be_bytes());
+    b
+}
+
+/// The final, empty chunk of an extended reply (also the whole reply to a command that
+/// succeeded without data).
+pub fn extended_done_chunk(cookie: u64, offset: u64) -> [u8; 32] {
+    extended_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, offset, 0)
+}
+
+/// Appends an error chunk with an extended header; payload as in [`error_chunk`].
+/// `request_offset` goes in the header, `at` (an offset inside the request) makes it
+/// `NBD_REPLY_TYPE_ERROR_OFFSET`.
+pub fn extended_error_chunk(
+    out: &mut Vec<u8>,
+    cookie: u64,
+    request_offset: u64,
+    error: u32,
+    message: &str,
+    at: Option<u64>,
+    done: bool,
+) {
+    let mut compact = Vec::with_capacity(64);
+    error_chunk(&mut compact, cookie, error, message, at, done);
+    // The compact chunk is a 20-byte header then the payload: keep the payload, swap the header.
+    let payload = compact.get(20..).unwrap_or_default();
+    let chunk_type = if at.is_some() { REPLY_TYPE_ERROR_OFFSET } else { REPLY_TYPE_ERROR };
+    out.extend_from_slice(&extended_chunk_header(
+        done_flag(done),
+        chunk_type,
+        cookie,
+        request_offset,
+        payload.len() as u64,
+    ));
+    out.extend_from_slice(payload);
 }
 
 /// One descriptor of an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk.
@@ -1117,8 +1259,13 @@ mod tests {
     }
 
     #[test]
+    fn abort_ignores_its_data() {
+        assert_eq!(decode_option(OPT_ABORT, b"bye"), Ok(ClientOption::Abort));
+    }
+
+    #[test]
     fn options_without_data_are_invalid_with_data() {
-        for code in [OPT_ABORT, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY, OPT_EXTENDED_HEADERS] {
+        for code in [OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY, OPT_EXTENDED_HEADERS] {
             assert!(matches!(decode_option(code, &[0]), Err(CodecError::Invalid(_))), "option {code}");
         }
     }
@@ -1295,6 +1442,62 @@ mod tests {
     }
 
     #[test]
+    fn extended_request_decodes_from_spec_layout() {
+        #[rustfmt::skip]
+        let b: [u8; EXTENDED_REQUEST_LEN] = [
+            0x21, 0xe4, 0x1c, 0x71,                         // NBD_EXTENDED_REQUEST_MAGIC
+            0x00, 0x20,                                     // NBD_CMD_FLAG_PAYLOAD_LEN
+            0x00, 0x01,                                     // NBD_CMD_WRITE
+            0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, // cookie
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, // offset 4096
+            0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00, // length 4 GiB
+        ];
+        assert_eq!(
+            decode_extended_request(&b),
+            Ok(ExtendedRequest {
+                flags: 0x20,
+                command: Command::Write,
+                cookie: 0x0102_0304_0506_0708,
+                offset: 4096,
+                len: 1 << 32,
+            })
+        );
+    }
+
+    #[test]
+    fn compact_magic_in_an_extended_header_is_bad_magic() {
+        let mut b = [0u8; EXTENDED_REQUEST_LEN];
+        b[0..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        assert!(matches!(decode_extended_request(&b), Err(CodecError::BadMagic { .. })));
+    }
+
+    #[test]
+    fn extended_reply_header_has_spec_layout() {
+        #[rustfmt::skip]
+        let expected = [
+            0x6e, 0x8a, 0x27, 0x8c,                         // NBD_EXTENDED_REPLY_MAGIC
+            0x00, 0x01,                                     // DONE
+            0x00, 0x01,                                     // NBD_REPLY_TYPE_OFFSET_DATA
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x09, // cookie
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, // offset (the request's)
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x08, // length 8 + 512
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x10, 0x00, // data offset
+        ];
+        assert_eq!(extended_offset_data_header(9, 4096, 512, true), expected);
+        assert_eq!(&extended_done_chunk(9, 4096)[4..8], &[0, 1, 0, 0]);
+    }
+
+    #[test]
+    fn extended_error_chunk_has_the_compact_payload_after_a_32_byte_header() {
+        let mut compact = Vec::new();
+        error_chunk(&mut compact, 3, EIO, "bad", Some(4096), true);
+        let mut ext = Vec::new();
+        extended_error_chunk(&mut ext, 3, 4000, EIO, "bad", Some(4096), true);
+        assert_eq!(&ext[32..], &compact[20..]);
+        assert_eq!(&ext[..32], &extended_chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR_OFFSET, 3, 4000, 17));
+    }
+
+    #[test]
     fn simple_reply_has_spec_layout() {
         #[rustfmt::skip]
         let expected = [
@@ -1396,6 +1599,13 @@ mod tests {
         #[test]
         fn decode_request_never_panics(b in any::<[u8; REQUEST_LEN]>()) {
             let _ = decode_request(&b);
+        }
+
+        #[test]
+        fn decoded_extended_requests_re_encode_to_the_same_bytes(b in any::<[u8; EXTENDED_REQUEST_LEN]>()) {
+            if let Ok(req) = decode_extended_request(&b) {
+                prop_assert_eq!(req.encode(), b);
+            }
         }
 
         #[test]

@@ -21,9 +21,9 @@ pub const REQUEST_MAGIC: u32 = 0x25609513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x67446698;
 /// First word of a structured reply chunk (`NBD_STRUCTURED_REPLY_MAGIC`).
 pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e33ef;
-/// First word of an extended request (`EXTENDED_HEADERS` extension; not implemented here).
+/// First word of an extended request (`EXTENDED_HEADERS` extension).
 pub const EXTENDED_REQUEST_MAGIC: u32 = 0x21e41c71;
-/// First word of an extended reply (`EXTENDED_HEADERS` extension; not implemented here).
+/// First word of an extended reply (`EXTENDED_HEADERS` extension).
 pub const EXTENDED_REPLY_MAGIC: u32 = 0x6e8a278c;
 
 // ---------------------------------------------------------------------------------------------
@@ -237,6 +237,10 @@ pub const ESHUTDOWN: u32 = 108;
 /// largest legitimate option (a few names and queries) is far smaller; the bound is checked
 /// against the option header before the payload is allocated.
 pub const MAX_OPTION_LEN: u32 = 64 * 1024;
+/// Largest option payload this server reads and throws away, to answer
+/// `NBD_REP_ERR_TOO_BIG` as the spec prefers; an option claiming more is taken for a denial
+/// of service and the connection is closed (the spec allows a hard disconnect then).
+pub const MAX_OPTION_DISCARD: u32 = 8 << 20;
 /// Longest export name, in bytes (the spec's limit for any string).
 pub const MAX_NAME_LEN: usize = 4096;
 /// Longest string (description, query, error message), in bytes.

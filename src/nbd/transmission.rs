@@ -8,32 +8,44 @@
 //! of the whole batch leave in one vectored `write`. So a cached request costs its pread or
 //! pwrite and a share of one read and one write: no thread hop, no channel, no allocation.
 //!
-//! Whatever may wait for a device goes to tokio's blocking pool: reads that miss the cache,
-//! all I/O in `O_DIRECT` mode, FLUSH and FUA, TRIM, WRITE_ZEROES, writes that need
-//! read-modify-write or whose range another write holds, and requests larger than
-//! [`INLINE_MAX`], whose copy and crypto then run beside the connection (on another core).
-//! Their replies come back through a channel and join the queue; replies may leave out of
-//! order, as the spec allows.
+//! Whatever may wait goes to tokio's blocking pool: reads that miss the cache, all I/O in
+//! `O_DIRECT` mode, FLUSH and FUA, TRIM, WRITE_ZEROES, writes that need read-modify-write or
+//! whose range another write holds, requests larger than [`INLINE_MAX`], and anything while
+//! the export is suspended. Their replies come back through a channel and join the queue;
+//! replies may leave out of order, as the spec allows.
 //!
 //! Two bounds keep a client from making the server buffer without limit: requests in flight
 //! (read from the socket, reply not yet written) and their payload bytes. At either bound the
-//! connection stops reading until replies drain. Buffers come from a per-connection pool and
-//! return to it once their reply is written.
+//! connection stops reading until replies drain, so a client that does not read its replies
+//! stops being read from. Buffers come from a per-connection pool and return to it once their
+//! reply is written.
 //!
 //! Two error tiers: a request that fails gets an errno in its reply and the connection goes
-//! on; a protocol violation (bad magic, a payload larger than advertised) ends the connection,
-//! after the requests in flight are finished.
+//! on; a protocol violation (bad magic, a write payload larger than advertised) ends the
+//! connection, after the requests in flight are finished. Unknown commands and flags are the
+//! first tier: `EINVAL`, after the payload of a WRITE has been read (so the stream stays in
+//! step).
+//!
+//! Replies take one of three forms, fixed by negotiation: simple; structured (chunks for reads
+//! and errors); extended (`EXTENDED_HEADERS`: 32-byte requests with 64-bit lengths, and every
+//! reply a 32-byte-header chunk echoing the request's offset).
+//!
+//! Shutdown (`doc/proto.md`, "Terminating the transmission phase"): once the flag turns, the
+//! requests in flight finish normally; requests that arrive during a grace period get
+//! `NBD_ESHUTDOWN` (a WRITE's payload is read and dropped), which tells the client to
+//! disconnect; then the connection closes.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 
-use super::codec::{self, CodecError, Command, Request, REQUEST_LEN};
+use super::codec::{self, CodecError, Command, ExtendedRequest, EXTENDED_REQUEST_LEN, REQUEST_LEN};
 use super::handshake::Negotiated;
 use super::proto;
 use crate::buf::{AlignedBuf, BufPool};
@@ -49,13 +61,16 @@ pub struct Limits {
     /// size. With the 256 KiB input buffer this bounds a connection's memory: a client that
     /// never reads its replies gets this much buffered, then the server stops reading.
     pub max_bytes: usize,
+    /// After shutdown starts, how long new requests are still read (and answered
+    /// `NBD_ESHUTDOWN`) before the connection is closed.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for Limits {
     /// 12 MiB: twelve 1 MiB or forty-eight 256 KiB requests in flight per connection (more
     /// than fio's QD8 or nbdcopy's default needs), and four connections stay under 64 MiB.
     fn default() -> Self {
-        Limits { max_requests: 128, max_bytes: 12 << 20 }
+        Limits { max_requests: 128, max_bytes: 12 << 20, shutdown_grace: Duration::from_secs(2) }
     }
 }
 
@@ -80,16 +95,71 @@ const MAX_BATCH: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransmissionError {
+    /// The stream failed.
     #[error("connection failed")]
     Io(#[from] std::io::Error),
+    /// A request header had a bad magic.
     #[error("protocol violation")]
     Protocol(#[from] CodecError),
+    /// A WRITE announced more payload than the advertised maximum.
     #[error("write payload of {len} bytes exceeds the advertised maximum {max}")]
-    PayloadTooLarge { len: u32, max: u32 },
+    PayloadTooLarge { len: u64, max: u32 },
+    /// The stream ended inside a request header.
+    #[error("connection closed in the middle of a request header")]
+    TruncatedHeader,
 }
 
-/// Serves requests until the client disconnects, sends DISC, or `shutdown` turns true; then
-/// finishes every request in flight and writes its reply.
+/// How replies are framed, fixed by negotiation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// Simple replies only.
+    Simple,
+    /// Structured reply chunks for reads and errors, simple replies otherwise.
+    Structured,
+    /// Extended headers: 32-byte requests, and every reply an extended chunk.
+    Extended,
+}
+
+impl Format {
+    fn of(neg: &Negotiated) -> Format {
+        if neg.extended_headers {
+            Format::Extended
+        } else if neg.structured_replies {
+            Format::Structured
+        } else {
+            Format::Simple
+        }
+    }
+
+    fn header_len(self) -> usize {
+        match self {
+            Format::Extended => EXTENDED_REQUEST_LEN,
+            Format::Simple | Format::Structured => REQUEST_LEN,
+        }
+    }
+
+    fn decode(self, hdr: &[u8; EXTENDED_REQUEST_LEN]) -> Result<ExtendedRequest, CodecError> {
+        match self {
+            Format::Extended => codec::decode_extended_request(hdr),
+            Format::Simple | Format::Structured => {
+                let compact = hdr.first_chunk::<REQUEST_LEN>().ok_or(CodecError::Invalid("short header"))?;
+                codec::decode_request(compact).map(ExtendedRequest::from)
+            }
+        }
+    }
+
+    /// The payload that follows a request header: a WRITE's length; with extended headers,
+    /// also the length of any request flagged `NBD_CMD_FLAG_PAYLOAD_LEN`. The extension says a
+    /// WRITE MUST carry that flag, but qemu's client (10.0) sends WRITE without it, and qemu's
+    /// server takes a WRITE's length as its payload either way: so does this one.
+    fn payload_len(self, req: &ExtendedRequest) -> Option<u64> {
+        let flagged = self == Format::Extended && req.flags & proto::CMD_FLAG_PAYLOAD_LEN != 0;
+        (req.command == Command::Write || flagged).then_some(req.len)
+    }
+}
+
+/// Serves requests until the client disconnects or sends DISC, or shutdown's grace period
+/// ends; then finishes every request in flight and writes its reply.
 pub async fn serve<R, W>(
     mut reader: R,
     mut writer: W,
@@ -101,15 +171,18 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let format = Format::of(&neg);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut conn = Conn {
         export: neg.export,
-        structured: neg.structured_replies,
+        format,
         budget: Budget { requests: 0, bytes: 0, limits },
         pool: BufPool::new(limits.max_bytes),
         out: Outbox::default(),
         jobs: 0,
         done_tx,
+        shutting: false,
+        discard: 0,
     };
     let mut inbuf = InBuf::new(INBUF);
     let mut pending: Option<Pending> = None;
@@ -117,7 +190,10 @@ where
     // drop a waiter on the watch channel every time (a few percent of a busy connection's CPU).
     let stop = shutdown.wait_for(|s| *s);
     tokio::pin!(stop);
-    // Reading stops for good on DISC, shutdown, end of stream or a connection error.
+    // The end of the shutdown grace period, armed when shutdown starts.
+    let grace = tokio::time::sleep(Duration::from_secs(365 * 86400));
+    tokio::pin!(grace);
+    // Reading stops for good on DISC, the end of the grace period, end of stream or an error.
     let mut reading = true;
     let mut result: Result<(), TransmissionError> = Ok(());
     // After a failed write the client is gone: replies are dropped, not written.
@@ -171,6 +247,7 @@ where
         let can_read = reading && (pending.is_some() || conn.budget.has_room());
         let can_write = !conn.out.is_empty();
         let has_jobs = conn.jobs > 0;
+        let shutting = conn.shutting;
         tokio::select! {
             biased;
             r = std::future::poll_fn(|cx| conn.out.poll_write(cx, &mut writer, &mut conn.pool, &mut conn.budget)), if can_write => {
@@ -184,14 +261,23 @@ where
                 }
             }
             Some(done) = done_rx.recv(), if has_jobs => conn.complete(done),
-            _ = &mut stop, if reading => reading = false,
+            _ = &mut stop, if reading && !shutting => {
+                conn.shutting = true;
+                grace.as_mut().reset(tokio::time::Instant::now() + limits.shutdown_grace);
+            }
+            () = &mut grace, if reading && shutting => {
+                reading = false;
+                pending = None;
+            }
             r = read_some(&mut reader, &mut inbuf, &mut pending), if can_read => match r {
                 Ok(0) => {
                     reading = false;
-                    // EOF between requests (or inside a header: the client gave up) is a
-                    // normal end; inside a write payload the stream is broken.
-                    if pending.is_some() {
+                    // EOF between requests is the normal end; inside a header or a payload
+                    // the stream is broken.
+                    if pending.is_some() || conn.discard > 0 || inbuf.data().len() >= format.header_len() {
                         result = Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+                    } else if !inbuf.data().is_empty() {
+                        result = Err(TransmissionError::TruncatedHeader);
                     }
                     pending = None;
                 }
@@ -262,7 +348,7 @@ impl InBuf {
     /// Moves unconsumed bytes to the front when the free tail is too short for a gathered
     /// request (header plus up to [`GATHER_MAX`] payload).
     fn compact(&mut self) {
-        if self.start > 0 && self.buf.len() - self.start < REQUEST_LEN + GATHER_MAX {
+        if self.start > 0 && self.buf.len() - self.start < EXTENDED_REQUEST_LEN + GATHER_MAX {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
@@ -275,9 +361,19 @@ impl InBuf {
     }
 }
 
+/// A request being served: the decoded header, the payload bytes it holds against the
+/// budget, and whether it counts in the export's metrics (refused requests do not).
+#[derive(Debug, Clone, Copy)]
+struct InFlight {
+    req: ExtendedRequest,
+    cost: usize,
+    started: Instant,
+    metered: bool,
+}
+
 /// A WRITE whose payload is being read straight into its own buffer.
 struct Pending {
-    req: Request,
+    req: InFlight,
     buf: AlignedBuf,
     filled: usize,
 }
@@ -320,14 +416,6 @@ impl Budget {
     }
 }
 
-/// Payload bytes a request holds while in flight (its read buffer or write payload).
-fn cost(req: &Request) -> usize {
-    match req.command {
-        Command::Read | Command::Write if req.len <= MAX_REQUEST => req.len as usize,
-        _ => 0,
-    }
-}
-
 /// What a request's reply carries.
 enum Body {
     Ok,
@@ -361,7 +449,7 @@ enum Job {
 
 /// A finished job: the reply, and a buffer to give back to the pool.
 struct Done {
-    req: Request,
+    req: InFlight,
     body: Body,
     spare: Option<AlignedBuf>,
 }
@@ -374,69 +462,91 @@ enum WriteData<'a> {
 
 struct Conn {
     export: Arc<Export>,
-    structured: bool,
+    format: Format,
     budget: Budget,
     pool: BufPool,
     out: Outbox,
     /// Requests on the blocking pool.
     jobs: usize,
     done_tx: mpsc::UnboundedSender<Done>,
+    /// Shutdown started: new requests get `NBD_ESHUTDOWN`.
+    shutting: bool,
+    /// Payload bytes still to read and drop (of a request answered without its payload).
+    discard: u64,
 }
 
 impl Conn {
-    /// Starts every complete request in the input buffer that the budget admits.
-    /// Stops with [`Step::Yield`] when `flush_at` reply bytes are queued and the next request
-    /// could start right away (so the caller's "more to do" never spins without progress).
+    /// Starts every complete request in the input buffer that the budget admits. Stops with
+    /// [`Step::Yield`] when `flush_at` reply bytes are queued and the next request could start
+    /// right away (so the caller's "more to do" never spins without progress).
     fn take_requests(
         &mut self,
         inbuf: &mut InBuf,
         pending: &mut Option<Pending>,
         flush_at: usize,
     ) -> Result<Step, TransmissionError> {
+        let hl = self.format.header_len();
         loop {
-            let Some(hdr) = inbuf.data().first_chunk::<REQUEST_LEN>() else { return Ok(Step::Continue) };
-            let req = codec::decode_request(hdr)?;
-            match req.command {
-                Command::Disc => {
-                    inbuf.consume(REQUEST_LEN);
-                    return Ok(Step::Disc);
+            if self.discard > 0 {
+                let n = inbuf.data().len().min(usize::try_from(self.discard).unwrap_or(usize::MAX));
+                inbuf.consume(n);
+                self.discard -= n as u64;
+                if self.discard > 0 {
+                    return Ok(Step::Continue);
                 }
-                Command::Write if req.len > MAX_REQUEST => {
-                    // The payload cannot be skipped without reading it all; the spec allows
-                    // a hard disconnect for a payload over the advertised maximum.
-                    return Err(TransmissionError::PayloadTooLarge { len: req.len, max: MAX_REQUEST });
-                }
-                _ => {}
             }
-            let cost = cost(&req);
+            let Some(raw) = inbuf.data().get(..hl) else { return Ok(Step::Continue) };
+            let mut hdr = [0u8; EXTENDED_REQUEST_LEN];
+            hdr[..hl].copy_from_slice(raw);
+            let req = self.format.decode(&hdr)?;
+            if req.command == Command::Disc {
+                inbuf.consume(hl);
+                return Ok(Step::Disc);
+            }
+            let payload = self.format.payload_len(&req);
+            if let Some(len) = payload.filter(|&l| l > u64::from(MAX_REQUEST)) {
+                // The payload cannot be skipped without reading it all; the spec allows a hard
+                // disconnect for a payload over the advertised maximum.
+                return Err(TransmissionError::PayloadTooLarge { len, max: MAX_REQUEST });
+            }
+            // Both at most MAX_REQUEST: checked above; longer reads are refused unbuffered.
+            let len = payload.unwrap_or(0) as usize;
+            let cost = match (payload, req.command) {
+                (Some(_), _) => len,
+                (None, Command::Read) if req.len <= u64::from(MAX_REQUEST) => req.len as usize,
+                (None, _) => 0,
+            };
+            let cost = if self.shutting { 0 } else { cost };
             if !self.budget.admits(cost) {
                 return Ok(Step::Continue);
             }
-            let len = req.len as usize;
-            let gathered = req.command == Command::Write && len <= GATHER_MAX;
-            if gathered && inbuf.data().len() < REQUEST_LEN + len {
+            let gathered = payload.is_some() && len <= GATHER_MAX && !self.shutting;
+            if gathered && inbuf.data().len() < hl + len {
                 return Ok(Step::Continue);
             }
             // The request can start: first let queued replies go out if there are enough.
             if self.out.queued >= flush_at {
                 return Ok(Step::Yield);
             }
-            if req.command != Command::Write {
-                inbuf.consume(REQUEST_LEN);
-                self.budget.take(cost);
+            inbuf.consume(hl);
+            self.budget.take(cost);
+            let req = InFlight { req, cost, started: Instant::now(), metered: false };
+            if self.shutting {
+                // Consume the payload, answer ESHUTDOWN, keep the stream in step.
+                self.discard = payload.unwrap_or(0);
+                self.reply(req, Body::Errno(proto::ESHUTDOWN, "the server is shutting down"));
+                continue;
+            }
+            if payload.is_none() {
                 self.start(req);
                 continue;
             }
             if gathered {
-                inbuf.consume(REQUEST_LEN);
-                self.budget.take(cost);
                 let start = inbuf.start;
                 self.run_write(req, WriteData::InBuf(&mut inbuf.buf[start..start + len]));
                 inbuf.consume(len);
                 continue;
             }
-            inbuf.consume(REQUEST_LEN);
-            self.budget.take(cost);
             let mut buf = self.pool.get(len);
             let have = len.min(inbuf.data().len());
             buf[..have].copy_from_slice(&inbuf.data()[..have]);
@@ -449,26 +559,38 @@ impl Conn {
         }
     }
 
-    /// Starts a request that has no payload.
-    fn start(&mut self, req: Request) {
-        if let Some(body) = refuse(&req, self.structured) {
-            return self.reply(&req, body);
+    /// Refuses `req` if it must be; otherwise counts it as started in the export's metrics.
+    fn admit(&mut self, req: &mut InFlight) -> Option<Body> {
+        let refusal = refuse(&req.req, self.format);
+        if refusal.is_some() {
+            tracing::debug!(req = ?req.req, "request refused");
+        } else {
+            req.metered = true;
+            self.export.metrics().request_started();
         }
-        let len = u64::from(req.len);
-        match req.command {
+        refusal
+    }
+
+    /// Starts a request that has no payload.
+    fn start(&mut self, mut req: InFlight) {
+        if let Some(body) = self.admit(&mut req) {
+            return self.reply(req, body);
+        }
+        let (offset, len) = (req.req.offset, req.req.len);
+        match req.req.command {
             Command::Read => {
-                let plan = match self.export.plan_read(req.offset, len) {
+                let plan = match self.export.plan_read(offset, len) {
                     Ok(p) => p,
-                    Err(e) => return self.reply(&req, Body::Err(e)),
+                    Err(e) => return self.reply(req, Body::Err(e)),
                 };
                 let mut buf = self.pool.get(plan.wide.len as usize);
                 if self.export.cached() && plan.len <= INLINE_MAX {
                     match self.export.read_planned(&plan, &mut buf, true) {
-                        Ok(true) => return self.reply(&req, Body::Data { buf, skip: plan.skip, len: plan.len }),
+                        Ok(true) => return self.reply(req, Body::Data { buf, skip: plan.skip, len: plan.len }),
                         Ok(false) => {}
                         Err(e) => {
                             self.pool.put(buf);
-                            return self.reply(&req, Body::Err(e));
+                            return self.reply(req, Body::Err(e));
                         }
                     }
                 }
@@ -477,36 +599,38 @@ impl Conn {
             // The data is on a local disk behind the page cache: validating the range is all
             // a prefetch hint needs.
             Command::Cache => {
-                let body = Body::from_result(self.export.validate_read(req.offset, len));
-                self.reply(&req, body);
+                let body = Body::from_result(self.export.validate_read(offset, len));
+                self.reply(req, body);
             }
             Command::Flush => self.dispatch(req, Job::Flush),
             Command::Trim => self.dispatch(req, Job::Trim),
             Command::WriteZeroes => self.dispatch(req, Job::WriteZeroes),
-            // Refused above; WRITE comes through `run_write`.
+            // Refused by `admit`; WRITE comes through `run_write`.
             Command::Write | Command::Disc | Command::BlockStatus | Command::Resize | Command::Unknown(_) => {
-                self.reply(&req, Body::Errno(proto::EINVAL, "unsupported command"));
+                self.reply(req, Body::Errno(proto::EINVAL, "unsupported command"));
             }
         }
     }
 
-    /// Starts a WRITE whose payload has been read.
-    fn run_write(&mut self, req: Request, data: WriteData<'_>) {
-        if let Some(body) = refuse(&req, self.structured) {
+    /// Starts a request whose payload has been read (a WRITE; anything else with a payload is
+    /// refused).
+    fn run_write(&mut self, mut req: InFlight, data: WriteData<'_>) {
+        if let Some(body) = self.admit(&mut req) {
             if let WriteData::Owned(buf) = data {
                 self.pool.put(buf);
             }
-            return self.reply(&req, body);
+            return self.reply(req, body);
         }
-        let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-        let inline = self.export.cached() && req.len as usize <= INLINE_MAX;
+        let fua = req.req.flags & proto::CMD_FLAG_FUA != 0;
+        let offset = req.req.offset;
+        let inline = self.export.cached() && req.cost <= INLINE_MAX;
         let buf = match data {
             WriteData::InBuf(payload) => {
                 if inline {
-                    match self.export.try_write(req.offset, payload, fua) {
-                        Ok(true) => return self.reply(&req, Body::Ok),
+                    match self.export.try_write(offset, payload, fua) {
+                        Ok(true) => return self.reply(req, Body::Ok),
                         Ok(false) => {}
-                        Err(e) => return self.reply(&req, Body::Err(e)),
+                        Err(e) => return self.reply(req, Body::Err(e)),
                     }
                 }
                 let mut buf = self.pool.get(payload.len());
@@ -515,15 +639,15 @@ impl Conn {
             }
             WriteData::Owned(mut buf) => {
                 if inline {
-                    match self.export.try_write(req.offset, &mut buf, fua) {
+                    match self.export.try_write(offset, &mut buf, fua) {
                         Ok(true) => {
                             self.pool.put(buf);
-                            return self.reply(&req, Body::Ok);
+                            return self.reply(req, Body::Ok);
                         }
                         Ok(false) => {}
                         Err(e) => {
                             self.pool.put(buf);
-                            return self.reply(&req, Body::Err(e));
+                            return self.reply(req, Body::Err(e));
                         }
                     }
                 }
@@ -534,12 +658,12 @@ impl Conn {
     }
 
     /// Runs a job on the blocking pool; its reply comes back through `done_tx`.
-    fn dispatch(&mut self, req: Request, job: Job) {
+    fn dispatch(&mut self, req: InFlight, job: Job) {
         self.jobs += 1;
         let export = self.export.clone();
         let tx = self.done_tx.clone();
         tokio::task::spawn_blocking(move || {
-            let (body, spare) = run_job(&export, &req, job);
+            let (body, spare) = run_job(&export, &req.req, job);
             // The connection may be gone (it waits for its jobs, so only after a panic).
             let _ = tx.send(Done { req, body, spare });
         });
@@ -551,50 +675,82 @@ impl Conn {
         if let Some(buf) = done.spare {
             self.pool.put(buf);
         }
-        self.reply(&done.req, done.body);
+        self.reply(done.req, done.body);
     }
 
-    /// The reply status of `req` is decided: queue the reply.
-    fn reply(&mut self, req: &Request, body: Body) {
-        let entry = encode_reply(req, body, self.structured);
+    /// The reply status of `req` is decided: count it in the metrics, queue the reply.
+    fn reply(&mut self, req: InFlight, body: Body) {
+        if req.metered {
+            account(&self.export, &req, &body);
+        }
+        let entry = encode_reply(&req, body, self.format);
         self.out.queued += entry.len();
         self.out.entries.push_back(entry);
     }
 }
 
+/// The reply status is decided: count the request in the export's metrics (and raw-volume
+/// failures in its error counter), and log a failure (rate-limited at warn, see `metrics`).
+fn account(export: &Export, req: &InFlight, body: &Body) {
+    let m = export.metrics();
+    let r = &req.req;
+    let errno = match body {
+        Body::Ok | Body::Data { .. } => 0,
+        Body::Err(e) => {
+            export.record_error(e);
+            m.log_failure(export.name(), r.command, r.offset, r.len, e.fault(), e.errno(), e);
+            e.errno()
+        }
+        Body::Errno(n, _) => *n,
+    };
+    m.request_done(r.command, r.len, errno, req.started);
+}
+
+/// Flags each command may carry; anything else gets EINVAL. FUA is accepted on every
+/// command: the spec notes that existing clients set it on commands that do not write, and
+/// lets the server ignore it there. With extended headers only WRITE takes a payload.
+fn allowed_flags(cmd: Command, format: Format) -> u16 {
+    let chunked = format != Format::Simple;
+    proto::CMD_FLAG_FUA
+        | match cmd {
+            Command::Read if chunked => proto::CMD_FLAG_DF,
+            Command::Write if format == Format::Extended => proto::CMD_FLAG_PAYLOAD_LEN,
+            Command::WriteZeroes => proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
+            _ => 0,
+        }
+}
+
+/// Largest effect length of a WRITE_ZEROES (64-bit with extended headers): zeroes are
+/// encrypted and written like data, so one request is capped at what a compact header can
+/// ask for; the spec allows refusing larger ones.
+const MAX_ZERO_LEN: u64 = u32::MAX as u64;
+
 /// Requests answered without touching the export: unknown commands, commands this server
-/// does not offer, flags not valid for the command, reads over the maximum payload.
-fn refuse(req: &Request, structured: bool) -> Option<Body> {
+/// does not offer, flags not valid for the command (a payload on anything but a WRITE), reads
+/// over the maximum payload, zeroes over [`MAX_ZERO_LEN`].
+fn refuse(req: &ExtendedRequest, format: Format) -> Option<Body> {
     match req.command {
         Command::Disc | Command::BlockStatus | Command::Resize | Command::Unknown(_) => {
             return Some(Body::Errno(proto::EINVAL, "unsupported command"));
         }
         Command::Read | Command::Write | Command::Flush | Command::Trim | Command::Cache | Command::WriteZeroes => {}
     }
-    if req.flags & !allowed_flags(req.command, structured) != 0 {
+    if req.flags & !allowed_flags(req.command, format) != 0 {
         return Some(Body::Errno(proto::EINVAL, "unsupported command flags"));
     }
-    if req.command == Command::Read && req.len > MAX_REQUEST {
-        return Some(Body::Err(ExportError::TooLarge { len: u64::from(req.len), max: MAX_REQUEST }));
+    if req.command == Command::Read && req.len > u64::from(MAX_REQUEST) {
+        return Some(Body::Err(ExportError::TooLarge { len: req.len, max: MAX_REQUEST }));
+    }
+    if req.command == Command::WriteZeroes && req.len > MAX_ZERO_LEN {
+        return Some(Body::Err(ExportError::TooLarge { len: req.len, max: u32::MAX }));
     }
     None
 }
 
-/// Flags each command may carry; anything else gets EINVAL.
-fn allowed_flags(cmd: Command, structured: bool) -> u16 {
-    match cmd {
-        Command::Read if structured => proto::CMD_FLAG_DF,
-        Command::Write | Command::Trim => proto::CMD_FLAG_FUA,
-        Command::WriteZeroes => proto::CMD_FLAG_FUA | proto::CMD_FLAG_NO_HOLE | proto::CMD_FLAG_FAST_ZERO,
-        _ => 0,
-    }
-}
-
 /// Does a job on a blocking thread. Returns the reply and, if the job's buffer is not part
 /// of the reply, the buffer (for the pool).
-fn run_job(export: &Export, req: &Request, job: Job) -> (Body, Option<AlignedBuf>) {
+fn run_job(export: &Export, req: &ExtendedRequest, job: Job) -> (Body, Option<AlignedBuf>) {
     let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-    let len = u64::from(req.len);
     let r = match job {
         Job::Read { plan, mut buf } => {
             return match export.read_planned(&plan, &mut buf, false) {
@@ -607,13 +763,30 @@ fn run_job(export: &Export, req: &Request, job: Job) -> (Body, Option<AlignedBuf
             return (Body::from_result(r), Some(buf));
         }
         Job::Flush => export.flush(),
-        Job::Trim => export.trim(req.offset, len, fua),
+        Job::Trim => export.trim(req.offset, req.len, fua),
         Job::WriteZeroes => {
             let fast = req.flags & proto::CMD_FLAG_FAST_ZERO != 0;
-            export.write_zeroes(req.offset, len, fua, fast)
+            export.write_zeroes(req.offset, req.len, fua, fast)
         }
     };
     (Body::from_result(r), None)
+}
+
+/// Whether an error concerns the data at the request's range (a structured reply then says
+/// where, with `NBD_REPLY_TYPE_ERROR_OFFSET`) rather than the request itself. Exhaustive on
+/// purpose, like [`ExportError::errno`].
+fn is_data_error(e: &ExportError) -> bool {
+    match e {
+        ExportError::Io(_) | ExportError::NoSpace(_) | ExportError::Cipher(_) => true,
+        // Not about the data at the range: the volume as a whole is unavailable.
+        ExportError::ShuttingDown | ExportError::FlushFailedEarlier => false,
+        ExportError::ReadOutOfRange { .. }
+        | ExportError::WriteOutOfRange { .. }
+        | ExportError::TrimOutOfRange { .. }
+        | ExportError::ReadOnly
+        | ExportError::TooLarge { .. }
+        | ExportError::NotSupported(_) => false,
+    }
 }
 
 /// One reply on the wire: a header (simple reply or chunk header) and maybe data.
@@ -625,7 +798,7 @@ struct Entry {
 }
 
 enum Head {
-    Fixed([u8; 28], usize),
+    Fixed([u8; 40], usize),
     Owned(Vec<u8>),
 }
 
@@ -650,42 +823,58 @@ impl Entry {
 }
 
 fn fixed<const N: usize>(b: [u8; N]) -> Head {
-    let mut h = [0u8; 28];
+    let mut h = [0u8; 40];
     h[..N].copy_from_slice(&b);
     Head::Fixed(h, N)
 }
 
-fn encode_reply(req: &Request, body: Body, structured: bool) -> Entry {
-    let cost = cost(req);
-    let (errno, msg) = match body {
-        Body::Ok => return Entry { head: fixed(codec::simple_reply(0, req.cookie)), data: None, cost },
+fn encode_reply(req: &InFlight, body: Body, format: Format) -> Entry {
+    let cost = req.cost;
+    let (cookie, offset) = (req.req.cookie, req.req.offset);
+    let (errno, msg, at) = match body {
+        Body::Ok => {
+            let head = match format {
+                Format::Extended => fixed(codec::extended_done_chunk(cookie, offset)),
+                Format::Simple | Format::Structured => fixed(codec::simple_reply(0, cookie)),
+            };
+            return Entry { head, data: None, cost };
+        }
         Body::Data { buf, skip, len } => {
-            let head = if !structured {
-                fixed(codec::simple_reply(0, req.cookie))
-            } else if len == 0 {
+            // One chunk, DONE set: the data is all read before the reply starts, so no error
+            // can follow, and NBD_CMD_FLAG_DF is honoured whatever the length. At most
+            // MAX_REQUEST bytes, so the length fits the chunk's 32 bits.
+            let head = match format {
+                Format::Simple => fixed(codec::simple_reply(0, cookie)),
                 // OFFSET_DATA must carry at least one byte: a zero-length read is just DONE.
-                fixed(codec::done_chunk(req.cookie))
-            } else {
-                // One chunk with DONE set: the data is all read before the reply starts, so
-                // no error can follow, and NBD_CMD_FLAG_DF is honoured whatever the length.
-                // `len` fits in u32: it is at most MAX_REQUEST.
-                fixed(codec::offset_data_header(req.cookie, req.offset, len as u32, true))
+                Format::Structured if len == 0 => fixed(codec::done_chunk(cookie)),
+                Format::Extended if len == 0 => fixed(codec::extended_done_chunk(cookie, offset)),
+                Format::Structured => fixed(codec::offset_data_header(cookie, offset, len as u32, true)),
+                Format::Extended => fixed(codec::extended_offset_data_header(cookie, offset, len as u32, true)),
             };
             return Entry { head, data: Some((buf, skip, len)), cost };
         }
         Body::Err(e) => {
-            tracing::debug!(cookie = req.cookie, offset = req.offset, error = %e, "request failed");
-            (e.errno(), e.to_string())
+            // The failed I/O covered the whole range and nothing was sent for it: the first
+            // byte is where the client can no longer assume success.
+            let at = (is_data_error(&e) && req.req.len > 0).then_some(offset);
+            (e.errno(), e.to_string(), at)
         }
-        Body::Errno(n, m) => (n, m.to_string()),
+        Body::Errno(n, m) => (n, m.to_string(), None),
     };
-    if structured {
-        let mut v = Vec::with_capacity(64 + msg.len());
-        codec::error_chunk(&mut v, req.cookie, errno, &msg, None, true);
-        Entry { head: Head::Owned(v), data: None, cost }
-    } else {
-        Entry { head: fixed(codec::simple_reply(errno, req.cookie)), data: None, cost }
-    }
+    let head = match format {
+        Format::Extended => {
+            let mut v = Vec::with_capacity(64 + msg.len());
+            codec::extended_error_chunk(&mut v, cookie, offset, errno, &msg, at, true);
+            Head::Owned(v)
+        }
+        Format::Structured => {
+            let mut v = Vec::with_capacity(64 + msg.len());
+            codec::error_chunk(&mut v, cookie, errno, &msg, at, true);
+            Head::Owned(v)
+        }
+        Format::Simple => fixed(codec::simple_reply(errno, cookie)),
+    };
+    Entry { head, data: None, cost }
 }
 
 /// Replies waiting to be written, in order; `written` bytes of the first are already out.
@@ -781,6 +970,7 @@ mod tests {
     use crate::backend::{Backend, MemBackend};
     use crate::crypto::{SectorCipher, VolumeKey};
     use crate::export::{ExportOptions, Geometry};
+    use crate::nbd::codec::Request;
     use crate::units::SectorSize;
 
     const SIZE: u64 = 4 << 20;
@@ -828,7 +1018,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(pipe);
         let (r, w) = tokio::io::split(server);
         let (stop, rx) = watch::channel(false);
-        let neg = Negotiated { export, structured_replies: structured };
+        let neg = Negotiated { export, structured_replies: structured, extended_headers: false };
         Server { client, task: tokio::spawn(serve(r, w, neg, limits, rx)), stop }
     }
 
@@ -938,7 +1128,7 @@ mod tests {
 
     #[tokio::test]
     async fn client_that_does_not_read_replies_meets_back_pressure() {
-        let limits = Limits { max_requests: 4, max_bytes: 64 << 20 };
+        let limits = Limits { max_requests: 4, ..Limits::default() };
         let mut s = start(export(true, SectorSize::S4096), false, limits, 16 << 10);
         // 4 KiB replies into a 16 KiB pipe: the server soon cannot write, stops reading, and
         // this client's requests back up.
@@ -982,7 +1172,7 @@ mod tests {
     async fn bad_flags_get_einval_and_the_stream_stays_in_step() {
         let mut s = start(export(true, SectorSize::S4096), false, Limits::default(), 1 << 20);
         let mut w = req(Command::Write, 1, 0, 4096);
-        w.flags = proto::CMD_FLAG_DF;
+        w.flags = proto::CMD_FLAG_NO_HOLE;
         send(&mut s.client, w, &pattern(4096, 1)).await;
         assert_eq!(simple(&mut s.client).await, (proto::EINVAL, 1));
         send(&mut s.client, req(Command::Read, 2, 0, 512), &[]).await;
@@ -1038,6 +1228,60 @@ mod tests {
         s.client.write_all(&req(Command::Write, 1, 0, MAX_REQUEST + 1).encode()).await.unwrap();
         let r = tokio::time::timeout(Duration::from_secs(10), s.task).await.unwrap().unwrap();
         assert!(matches!(r, Err(TransmissionError::PayloadTooLarge { .. })), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn shutdown_answers_new_requests_eshutdown_then_closes() {
+        let limits = Limits { shutdown_grace: Duration::from_millis(500), ..Limits::default() };
+        let mut s = start(export(true, SectorSize::S4096), false, limits, 1 << 20);
+        s.stop.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        send(&mut s.client, req(Command::Write, 7, 0, 512), &[1; 512]).await;
+        send(&mut s.client, req(Command::Flush, 8, 0, 0), &[]).await;
+        for cookie in [7u64, 8] {
+            let mut reply = [0u8; 16];
+            s.client.read_exact(&mut reply).await.unwrap();
+            assert_eq!(reply, codec::simple_reply(proto::ESHUTDOWN, cookie), "cookie {cookie}");
+        }
+        // Then, after the grace period, the server closes without the client doing anything.
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.client.read_to_end(&mut rest)).await.unwrap().unwrap();
+        assert!(rest.is_empty());
+        s.task.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn extended_headers_take_64_bit_requests_and_give_extended_replies() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let (r, w) = tokio::io::split(server);
+        let (_stop, rx) = watch::channel(false);
+        let neg =
+            Negotiated { export: export(true, SectorSize::S4096), structured_replies: false, extended_headers: true };
+        let task = tokio::spawn(serve(r, w, neg, Limits::default(), rx));
+        let write = ExtendedRequest { flags: 0, command: Command::Write, cookie: 1, offset: 4096, len: 4096 };
+        client.write_all(&write.encode()).await.unwrap();
+        client.write_all(&pattern(4096, 4)).await.unwrap();
+        let mut done = [0u8; 32];
+        client.read_exact(&mut done).await.unwrap();
+        assert_eq!(done, codec::extended_done_chunk(1, 4096));
+        let read = ExtendedRequest { flags: 0, command: Command::Read, cookie: 2, offset: 4096, len: 4096 };
+        client.write_all(&read.encode()).await.unwrap();
+        let mut h = [0u8; 40];
+        client.read_exact(&mut h).await.unwrap();
+        assert_eq!(h, codec::extended_offset_data_header(2, 4096, 4096, true));
+        assert_eq!(read_data(&mut client, 4096).await, pattern(4096, 4));
+        let disc = ExtendedRequest { flags: 0, command: Command::Disc, cookie: 3, offset: 0, len: 0 };
+        client.write_all(&disc.encode()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn eof_inside_a_header_is_a_truncated_header() {
+        let mut s = start(export(true, SectorSize::S4096), false, Limits::default(), 1 << 20);
+        s.client.write_all(&req(Command::Read, 1, 0, 512).encode()[..10]).await.unwrap();
+        drop(s.client);
+        let r = tokio::time::timeout(Duration::from_secs(10), s.task).await.unwrap().unwrap();
+        assert!(matches!(r, Err(TransmissionError::TruncatedHeader)), "{r:?}");
     }
 
     #[tokio::test]

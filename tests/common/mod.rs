@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod raw;
+
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_nbdcrypt")
 }
@@ -96,6 +98,11 @@ impl Daemon {
         let kek = vol.kek.to_str().unwrap().to_owned();
         args.extend(["--kek-file", &kek]);
         args.extend_from_slice(extra);
+        // A control socket of its own: tests run in parallel, the default path is shared.
+        let ctl = vol.dir.path().join(format!("ctl-{port}.sock")).to_str().unwrap().to_owned();
+        if !extra.contains(&"--control-socket") {
+            args.extend(["--control-socket", &ctl]);
+        }
         Self::spawn(&args, vol.dir.path(), format!("nbd://127.0.0.1:{port}/t"), port)
     }
 
@@ -138,6 +145,20 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: i32) {
+        unsafe_kill(self.child.id() as i32, sig);
+    }
+
+    /// Waits until the log contains `needle` (20 s at most).
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log_text().contains(needle) {
+            assert!(Instant::now() < deadline, "no {needle:?} in the log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM and wait; returns the exit status code.

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Many concurrent async requests through libnbd, checked against a shadow copy.
 
-usage: concurrent.py URI NREQUESTS SECTOR_SIZE
+usage: nbd_shadow_workload.py URI NREQUESTS SECTOR_SIZE
 
 Keeps up to 32 requests in flight: writes (aligned and sub-sector), zeroes, flushes and
 reads of random ranges. Overlapping requests are never in flight together (NBD gives no
