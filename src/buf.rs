@@ -172,6 +172,15 @@ impl BufPool {
     }
 }
 
+/// The capacity of the buffer [`BufPool::get`] hands out for `len` bytes: the size class, or
+/// `len` rounded up to [`ALIGN`] beyond the largest class. What a request's buffer costs.
+pub fn capacity_for(len: usize) -> usize {
+    match class_of(len) {
+        Some(c) => 1 << (c as u32 + MIN_CLASS_SHIFT),
+        None => len.next_multiple_of(ALIGN),
+    }
+}
+
 /// The size class holding `len` bytes, if any.
 fn class_of(len: usize) -> Option<usize> {
     let shift = len.max(1).next_power_of_two().trailing_zeros().max(MIN_CLASS_SHIFT);
@@ -224,6 +233,9 @@ mod tests {
         let mut pool = BufPool::new(1 << 20);
         assert_eq!(pool.get(5000).capacity(), 8192);
         assert_eq!(pool.get(1).capacity(), 4096);
+        for len in [0usize, 1, 4096, 5000, 1 << 20, (1 << 20) + 1, 64 << 20] {
+            assert_eq!(capacity_for(len), pool.get(len).capacity(), "{len}");
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ use tokio::sync::{mpsc, watch};
 use super::codec::{self, CodecError, Command, ExtendedRequest, EXTENDED_REQUEST_LEN, REQUEST_LEN};
 use super::handshake::Negotiated;
 use super::proto;
-use crate::buf::{AlignedBuf, BufPool};
+use crate::buf::{self, AlignedBuf, BufPool};
 use crate::export::{Export, ExportError, ReadPlan, MAX_REQUEST};
 
 /// Per-connection limits.
@@ -460,6 +460,13 @@ enum WriteData<'a> {
     Owned(AlignedBuf),
 }
 
+fn data_len(d: &WriteData<'_>) -> usize {
+    match d {
+        WriteData::InBuf(b) => b.len(),
+        WriteData::Owned(b) => b.len(),
+    }
+}
+
 struct Conn {
     export: Arc<Export>,
     format: Format,
@@ -510,10 +517,11 @@ impl Conn {
                 return Err(TransmissionError::PayloadTooLarge { len, max: MAX_REQUEST });
             }
             // Both at most MAX_REQUEST: checked above; longer reads are refused unbuffered.
+            // The cost is the capacity of the buffer the request may hold.
             let len = payload.unwrap_or(0) as usize;
             let cost = match (payload, req.command) {
-                (Some(_), _) => len,
-                (None, Command::Read) if req.len <= u64::from(MAX_REQUEST) => req.len as usize,
+                (Some(_), _) => buf::capacity_for(len),
+                (None, Command::Read) if req.len <= u64::from(MAX_REQUEST) => buf::capacity_for(req.len as usize),
                 (None, _) => 0,
             };
             let cost = if self.shutting { 0 } else { cost };
@@ -623,7 +631,7 @@ impl Conn {
         }
         let fua = req.req.flags & proto::CMD_FLAG_FUA != 0;
         let offset = req.req.offset;
-        let inline = self.export.cached() && req.cost <= INLINE_MAX;
+        let inline = self.export.cached() && data_len(&data) <= INLINE_MAX;
         let buf = match data {
             WriteData::InBuf(payload) => {
                 if inline {
