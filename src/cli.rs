@@ -91,13 +91,12 @@ pub enum Command {
     /// Decrypt a volume in place back to plaintext at offset 0 (offline). Resumable.
     #[command(after_help = "Example:\n  nbdcrypt decrypt /dev/nvme1n1 --key local:/etc/nbdcrypt/vol1.kek")]
     Decrypt(DecryptArgs),
-    /// Measure the sector cipher's throughput on this CPU (like `cryptsetup benchmark`).
-    #[command(after_help = "Example:\n  nbdcrypt benchmark --seconds 1")]
-    Benchmark {
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 1.0)]
-        seconds: f64,
-    },
+    /// Measure the sector cipher's throughput on this CPU (like `cryptsetup benchmark`), and
+    /// optionally the whole request path over a temporary file (--e2e).
+    #[command(
+        after_help = "Examples:\n  nbdcrypt benchmark --seconds 1\n  nbdcrypt benchmark --e2e --size-mib 512 --dir /var/tmp"
+    )]
+    Benchmark(BenchmarkArgs),
     /// Show a running daemon's exports, their state (active/suspended), clients and counters.
     #[command(
         after_help = "Examples:\n  nbdcrypt status --config /etc/nbdcrypt/vol1.toml\n  nbdcrypt status --control-socket /run/nbdcrypt/vol1.ctl --json"
@@ -161,6 +160,26 @@ Examples:\n  nbdcrypt resume --config /etc/nbdcrypt/vol1.toml\n  nbdcrypt resume
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct BenchmarkArgs {
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+    /// Also run a quick end-to-end loop: an in-process server on a Unix socket pair, serving a
+    /// temporary file, driven by an in-process NBD client.
+    #[arg(long)]
+    pub e2e: bool,
+    /// Size of the temporary file for --e2e, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub size_mib: u64,
+    /// Folder for the temporary file (default: the system temp folder).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Open the temporary file with O_DIRECT (see `serve --direct`).
+    #[arg(long)]
+    pub direct: bool,
 }
 
 /// How a client command finds the daemon's control socket.
@@ -347,6 +366,10 @@ pub struct ServeArgs {
     /// Pass TRIM through to the raw volume (reveals which blocks are unused).
     #[arg(long)]
     pub allow_discards: bool,
+    /// Bypass the page cache on the raw volume (O_DIRECT, like qemu's cache=none): for real
+    /// block devices, whose data the client caches already.
+    #[arg(long)]
+    pub direct: bool,
     /// TLS on TCP listeners: off, optional (the client's choice) or require. Default: require
     /// when --tls-cert is given, off otherwise.
     #[arg(long, value_parser = parse_tls, conflicts_with = "config")]

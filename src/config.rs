@@ -15,7 +15,7 @@
 //! socket_owner = "root"            # optional: name or numeric id
 //! socket_group = "disk"            # optional: name or numeric id
 //! max_requests_per_connection = 128
-//! max_bytes_per_connection = "64M"
+//! max_bytes_per_connection = "12M"
 //! shutdown_grace_secs = 2
 //! tls = "require"                  # off | optional | require (default: require if tls_cert is set)
 //! tls_cert = "server-cert.pem"     # PEM chain
@@ -32,6 +32,7 @@
 //! kek_files = ["../var/demo.kek"]
 //! read_only = false
 //! allow_discards = false
+//! direct = false                    # O_DIRECT on the raw volume (qemu cache=none)
 //! description = "demo volume"
 //! # Clone awareness: the device's cloud volume id (default: from the EBS NVMe serial), and
 //! # whether a header bound to another volume is refused rather than only warned about.
@@ -166,7 +167,7 @@ fn default_max_requests() -> usize {
     128
 }
 fn default_max_bytes() -> String {
-    "64M".into()
+    "12M".into()
 }
 fn default_shutdown_grace() -> u64 {
     2
@@ -185,6 +186,8 @@ struct RawExport {
     read_only: bool,
     #[serde(default)]
     allow_discards: bool,
+    #[serde(default)]
+    direct: bool,
     #[serde(default)]
     description: String,
     #[serde(default)]
@@ -301,6 +304,8 @@ pub struct ExportConfig {
     pub kek_files: Vec<PathBuf>,
     pub read_only: bool,
     pub allow_discards: bool,
+    /// Bypass the page cache on the raw volume (`O_DIRECT`).
+    pub direct: bool,
     pub description: String,
     pub create: Option<CreateConfig>,
     /// The device's cloud volume id, compared with the header's binding (`None`: from sysfs).
@@ -397,6 +402,7 @@ impl Config {
                 kek_files: e.kek_files.iter().map(|p| resolve(p)).collect(),
                 read_only: e.read_only,
                 allow_discards: e.allow_discards,
+                direct: e.direct,
                 description: e.description,
                 create,
                 device_id: e.device_id,

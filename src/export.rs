@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use crate::backend::Backend;
+use crate::buf::AlignedBuf;
 use crate::crypto::{CipherError, CipherGate, GateError, GateState, SectorCipher};
 use crate::metrics::{ExportMetrics, Fault};
 use crate::nbd::proto;
@@ -28,6 +29,9 @@ pub const MAX_REQUEST: u32 = 32 << 20;
 
 /// Zeroing is done in chunks of this many bytes, to bound the buffer.
 const ZERO_CHUNK: usize = 1 << 20;
+
+/// The page size: buffered writes of whole pages never read from the device first.
+const PAGE: u64 = 4096;
 
 /// Why a request failed. Each variant maps to exactly one NBD errno in [`ExportError::errno`].
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +164,17 @@ pub struct Geometry {
     pub data_size: u64,
 }
 
+/// A read planned by [`Export::plan_read`]: the aligned range of the data area to read and
+/// decrypt, and where the requested bytes sit in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadPlan {
+    pub wide: ByteRange,
+    /// Offset of the requested bytes in the buffer.
+    pub skip: usize,
+    /// Number of requested bytes.
+    pub len: usize,
+}
+
 #[derive(Debug)]
 pub struct Export {
     opts: ExportOptions,
@@ -167,6 +182,8 @@ pub struct Export {
     backend: Arc<dyn Backend>,
     cipher: CipherGate,
     locks: RangeLocks,
+    /// See [`Export::io_align`].
+    io_align: u64,
     metrics: ExportMetrics,
     /// Requests that failed on the raw volume (see [`ExportError::is_io`]).
     io_errors: AtomicU64,
@@ -177,6 +194,8 @@ pub struct Export {
 
 impl Export {
     pub fn new(opts: ExportOptions, geometry: Geometry, backend: Arc<dyn Backend>, cipher: SectorCipher) -> Self {
+        // Both are powers of two no larger than 4096, so the larger is a multiple of both.
+        let io_align = geometry.sector_size.bytes_u64().max(backend.alignment());
         let metrics = ExportMetrics::default();
         metrics.set_unlocked(Some(std::time::SystemTime::now()));
         Export {
@@ -185,12 +204,18 @@ impl Export {
             backend,
             cipher: CipherGate::new(cipher),
             locks: RangeLocks::default(),
+            io_align,
             metrics,
             io_errors: AtomicU64::new(0),
             flushes: FlushGate::default(),
         }
     }
 
+    /// True if the raw volume is cache-backed (buffered), so reads of cached data and small
+    /// writes can be done inline by the connection (see [`Export::try_write`]).
+    pub fn cached(&self) -> bool {
+        self.backend.cached_writes()
+    }
     pub fn metrics(&self) -> &ExportMetrics {
         &self.metrics
     }
@@ -295,28 +320,77 @@ impl Export {
         self.geometry.data_offset + offset
     }
 
-    /// Reads and decrypts whole sectors covering `aligned` into `buf`.
-    fn read_sectors(&self, aligned: ByteRange, buf: &mut [u8]) -> Result<(), ExportError> {
-        self.backend.read_at(buf, self.raw(aligned.offset))?;
-        self.cipher.decrypt(self.sector_size().sector_of(aligned.offset), buf)?;
-        Ok(())
+    /// Alignment of every raw-volume I/O: the sector size, or the backend's `O_DIRECT`
+    /// alignment when that is larger (a 512-byte-sector volume on a 4Kn disk).
+    pub fn io_align(&self) -> u64 {
+        self.io_align
     }
 
-    /// Reads `buf.len()` plaintext bytes at `offset`.
+    /// The smallest `io_align`-aligned range covering `r`; `None` on overflow.
+    fn widen(&self, r: ByteRange) -> Option<ByteRange> {
+        let mask = self.io_align - 1;
+        let start = r.offset & !mask;
+        let end = r.end().checked_add(mask)? & !mask;
+        Some(ByteRange { offset: start, len: end - start })
+    }
+
+    fn is_io_aligned(&self, r: ByteRange) -> bool {
+        (r.offset | r.len) & (self.io_align - 1) == 0
+    }
+
+    /// Reads and decrypts the `io_align`-aligned range `wide` into `buf` (`wide.len` bytes).
+    /// With `nowait`, only if neither the backend nor a suspended cipher makes it wait:
+    /// `Ok(false)` otherwise.
+    fn read_raw(&self, wide: ByteRange, buf: &mut [u8], nowait: bool) -> Result<bool, ExportError> {
+        let first = self.sector_size().sector_of(wide.offset);
+        if !nowait {
+            self.backend.read_at(buf, self.raw(wide.offset))?;
+            self.cipher.decrypt(first, buf)?;
+            return Ok(true);
+        }
+        if !self.backend.try_read_at(buf, self.raw(wide.offset))? {
+            return Ok(false);
+        }
+        match self.cipher.try_decrypt(first, buf) {
+            Some(r) => r.map(|()| true).map_err(ExportError::from),
+            None => Ok(false),
+        }
+    }
+
+    /// Checks a read and plans it: which aligned range of the volume to read, and where the
+    /// requested bytes sit in it. The caller provides a buffer of `plan.wide.len` bytes.
+    pub fn plan_read(&self, offset: u64, len: u64) -> Result<ReadPlan, ExportError> {
+        let r = self.check_read(offset, len)?;
+        let wide = self.widen(r).ok_or(ExportError::ReadOutOfRange { offset, len, size: self.size() })?;
+        // Both fit in usize: len <= MAX_REQUEST is checked by the caller, and widening adds
+        // less than two io_align blocks.
+        Ok(ReadPlan { wide, skip: (r.offset - wide.offset) as usize, len: r.len as usize })
+    }
+
+    /// Does a planned read into `buf` (exactly `plan.wide.len` bytes; the plaintext then sits
+    /// at `buf[plan.skip..plan.skip + plan.len]`). With `nowait`, returns `Ok(false)` instead
+    /// of waiting for the device (the data is not cached); `buf` is then unspecified.
+    pub fn read_planned(&self, plan: &ReadPlan, buf: &mut [u8], nowait: bool) -> Result<bool, ExportError> {
+        if plan.len == 0 {
+            return Ok(true);
+        }
+        self.read_raw(plan.wide, buf, nowait)
+    }
+
+    /// Reads `buf.len()` plaintext bytes at `offset` (a convenience over [`Export::plan_read`]
+    /// that copies when the request is not aligned).
     pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), ExportError> {
-        let r = self.check_read(offset, buf.len() as u64)?;
-        if r.len == 0 {
+        let plan = self.plan_read(offset, buf.len() as u64)?;
+        if plan.len == 0 {
             return Ok(());
         }
-        let ss = self.sector_size();
-        if r.is_aligned(ss) {
-            return self.read_sectors(r, buf);
+        if plan.skip == 0 && plan.wide.len == buf.len() as u64 {
+            self.read_raw(plan.wide, buf, false)?;
+            return Ok(());
         }
-        let wide = r.widen_to(ss).ok_or(ExportError::ReadOutOfRange { offset, len: r.len, size: self.size() })?;
-        let mut tmp = vec![0u8; wide.len as usize];
-        self.read_sectors(wide, &mut tmp)?;
-        let start = (r.offset - wide.offset) as usize;
-        buf.copy_from_slice(&tmp[start..start + buf.len()]);
+        let mut tmp = AlignedBuf::zeroed(plan.wide.len as usize);
+        self.read_raw(plan.wide, &mut tmp, false)?;
+        buf.copy_from_slice(&tmp[plan.skip..plan.skip + plan.len]);
         Ok(())
     }
 
@@ -326,44 +400,87 @@ impl Export {
         self.check_read(offset, len).map(|_| ())
     }
 
-    /// Encrypts and writes `data` at `offset`. `data` is used as the scratch buffer when the
-    /// request is sector-aligned (encrypted in place: no copy, no allocation).
-    pub fn write(&self, offset: u64, mut data: Vec<u8>, fua: bool) -> Result<(), ExportError> {
+    /// Encrypts and writes `data` at `offset`. `data` is the scratch buffer: when the request
+    /// is aligned it is encrypted in place (no copy, no allocation), so on return it holds
+    /// ciphertext or garbage, never the plaintext.
+    pub fn write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<(), ExportError> {
         let r = self.check_write(offset, data.len() as u64)?;
         if r.len == 0 {
             return self.maybe_fua(fua);
         }
-        let ss = self.sector_size();
-        let wide = r.widen_to(ss).ok_or(ExportError::WriteOutOfRange { offset, len: r.len, size: self.size() })?;
-        let _guard = self.locks.lock(wide);
-        if r.is_aligned(ss) {
-            self.cipher.encrypt(ss.sector_of(r.offset), &mut data)?;
-            self.backend.write_at(&data, self.raw(r.offset))?;
-        } else {
-            let mut buf = self.read_modify(r, wide, |dst| dst.copy_from_slice(&data))?;
-            self.cipher.encrypt(ss.sector_of(wide.offset), &mut buf)?;
-            self.backend.write_at(&buf, self.raw(wide.offset))?;
-        }
+        let wide = self.widen(r).ok_or(ExportError::WriteOutOfRange { offset, len: r.len, size: self.size() })?;
+        let guard = self.locks.lock(wide);
+        self.write_locked(r, wide, data, &guard, false)?;
+        drop(guard);
         self.maybe_fua(fua)
     }
 
-    /// Builds the plaintext of the widened range: the partial head and tail sectors read and
-    /// decrypted from disk, the middle filled by `fill`. Caller holds the range lock.
-    fn read_modify(&self, r: ByteRange, wide: ByteRange, fill: impl FnOnce(&mut [u8])) -> Result<Vec<u8>, ExportError> {
+    /// The inline fast path of [`Export::write`], for a caller that must not block (an async
+    /// task): does the write only if it needs neither the device nor a wait — an aligned,
+    /// page-sized write, no FUA, into a cache-backed volume, whose range no other write holds,
+    /// with the cipher not suspended. `Ok(false)` leaves `data` untouched: call
+    /// [`Export::write`] on a blocking thread.
+    pub fn try_write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<bool, ExportError> {
+        let r = self.check_write(offset, data.len() as u64)?;
+        // Page alignment: a partial-page buffered write may have to read the page first.
+        if fua || !self.backend.cached_writes() || (r.offset | r.len) % PAGE != 0 || !self.is_io_aligned(r) {
+            return Ok(false);
+        }
+        let Some(guard) = self.locks.try_lock(r) else { return Ok(false) };
+        self.write_locked(r, r, data, &guard, true)
+    }
+
+    /// The write itself, under the range lock on `wide` (the io-aligned cover of `r`). With
+    /// `nowait` (aligned writes only), `Ok(false)` and `data` untouched if the cipher is
+    /// suspended.
+    fn write_locked(
+        &self,
+        r: ByteRange,
+        wide: ByteRange,
+        data: &mut [u8],
+        _lock: &RangeGuard<'_>,
+        nowait: bool,
+    ) -> Result<bool, ExportError> {
         let ss = self.sector_size();
-        let s = ss.bytes_usize();
-        let mut buf = vec![0u8; wide.len as usize];
+        if r == wide {
+            if nowait {
+                match self.cipher.try_encrypt(ss.sector_of(r.offset), data) {
+                    Some(res) => res?,
+                    None => return Ok(false),
+                }
+            } else {
+                self.cipher.encrypt(ss.sector_of(r.offset), data)?;
+            }
+            self.backend.write_at(data, self.raw(r.offset))?;
+        } else {
+            let mut buf = self.read_modify(r, wide, |dst| dst.copy_from_slice(data))?;
+            self.cipher.encrypt(ss.sector_of(wide.offset), &mut buf)?;
+            self.backend.write_at(&buf, self.raw(wide.offset))?;
+        }
+        Ok(true)
+    }
+
+    /// Builds the plaintext of the widened range: the partial head and tail blocks read and
+    /// decrypted from disk, the middle filled by `fill`. Caller holds the range lock.
+    fn read_modify(
+        &self,
+        r: ByteRange,
+        wide: ByteRange,
+        fill: impl FnOnce(&mut [u8]),
+    ) -> Result<AlignedBuf, ExportError> {
+        let s = self.io_align as usize;
+        let mut buf = AlignedBuf::zeroed(wide.len as usize);
         let head = (r.offset - wide.offset) as usize;
         let tail_end = head + r.len as usize;
         if head != 0 {
-            self.read_sectors(ByteRange { offset: wide.offset, len: s as u64 }, &mut buf[..s])?;
+            self.read_raw(ByteRange { offset: wide.offset, len: s as u64 }, &mut buf[..s], false)?;
         }
         let last = buf.len() - s;
-        // The tail sector needs reading if the range ends inside it, unless it is the head
-        // sector already read above.
+        // The tail block needs reading if the range ends inside it, unless it is the head
+        // block already read above.
         if tail_end % s != 0 && (last != 0 || head == 0) {
             let off = wide.offset + last as u64;
-            self.read_sectors(ByteRange { offset: off, len: s as u64 }, &mut buf[last..])?;
+            self.read_raw(ByteRange { offset: off, len: s as u64 }, &mut buf[last..], false)?;
         }
         fill(&mut buf[head..tail_end]);
         Ok(buf)
@@ -381,28 +498,29 @@ impl Export {
             return self.maybe_fua(fua);
         }
         let ss = self.sector_size();
-        let wide = r.widen_to(ss).ok_or(ExportError::WriteOutOfRange { offset, len, size: self.size() })?;
+        let wide = self.widen(r).ok_or(ExportError::WriteOutOfRange { offset, len, size: self.size() })?;
         let _guard = self.locks.lock(wide);
-        // Partial head/tail sectors: read-modify-write one sector each.
-        let s = ss.bytes_u64();
+        // Partial head/tail blocks: read-modify-write one io_align block each.
+        let s = self.io_align;
+        let align_down = |x: u64| x & !(s - 1);
         let mut mid_start = r.offset;
         let mut mid_end = r.end();
-        if !ss.is_aligned(r.offset) {
-            let sector = ByteRange { offset: ss.align_down(r.offset), len: s };
-            let upto = r.end().min(sector.end());
-            self.zero_partial(ByteRange { offset: r.offset, len: upto - r.offset }, sector)?;
-            mid_start = sector.end().min(r.end());
+        if r.offset % s != 0 {
+            let block = ByteRange { offset: align_down(r.offset), len: s };
+            let upto = r.end().min(block.end());
+            self.zero_partial(ByteRange { offset: r.offset, len: upto - r.offset }, block)?;
+            mid_start = block.end().min(r.end());
         }
-        if mid_start < mid_end && !ss.is_aligned(mid_end) {
-            let sector = ByteRange { offset: ss.align_down(mid_end), len: s };
-            let from = mid_start.max(sector.offset);
-            self.zero_partial(ByteRange { offset: from, len: mid_end - from }, sector)?;
-            mid_end = sector.offset.max(mid_start);
+        if mid_start < mid_end && mid_end % s != 0 {
+            let block = ByteRange { offset: align_down(mid_end), len: s };
+            let from = mid_start.max(block.offset);
+            self.zero_partial(ByteRange { offset: from, len: mid_end - from }, block)?;
+            mid_end = block.offset.max(mid_start);
         }
         let mut pos = mid_start;
         if pos < mid_end {
             let chunk = ZERO_CHUNK.min((mid_end - pos) as usize);
-            let mut buf = vec![0u8; chunk];
+            let mut buf = AlignedBuf::zeroed(chunk);
             while pos < mid_end {
                 let n = chunk.min((mid_end - pos) as usize);
                 buf[..n].fill(0);
@@ -414,10 +532,10 @@ impl Export {
         self.maybe_fua(fua)
     }
 
-    fn zero_partial(&self, part: ByteRange, sector: ByteRange) -> Result<(), ExportError> {
-        let mut buf = self.read_modify(part, sector, |dst| dst.fill(0))?;
-        self.cipher.encrypt(self.sector_size().sector_of(sector.offset), &mut buf)?;
-        self.backend.write_at(&buf, self.raw(sector.offset))?;
+    fn zero_partial(&self, part: ByteRange, block: ByteRange) -> Result<(), ExportError> {
+        let mut buf = self.read_modify(part, block, |dst| dst.fill(0))?;
+        self.cipher.encrypt(self.sector_size().sector_of(block.offset), &mut buf)?;
+        self.backend.write_at(&buf, self.raw(block.offset))?;
         Ok(())
     }
 
@@ -430,9 +548,9 @@ impl Export {
             other => other,
         })?;
         if self.opts.allow_discards && r.len > 0 {
-            let ss = self.sector_size();
-            if let Some(start) = ss.align_up(r.offset) {
-                let end = ss.align_down(r.end());
+            let mask = self.io_align - 1;
+            if let Some(start) = r.offset.checked_add(mask).map(|x| x & !mask) {
+                let end = r.end() & !mask;
                 if end > start {
                     let inner = ByteRange { offset: start, len: end - start };
                     let _guard = self.locks.lock(inner);
@@ -537,11 +655,25 @@ struct FlushState {
 }
 
 /// Exclusive locks on byte ranges, for writers. A short critical section scans the (small)
-/// list of held ranges; a writer whose range overlaps one waits on the condvar.
+/// list of held ranges; a writer whose range overlaps one waits on the condvar. Releasing
+/// wakes waiters only if there are any (an uncontended lock costs two mutex round trips, no
+/// system call).
 #[derive(Debug, Default)]
 struct RangeLocks {
-    held: Mutex<Vec<(u64, u64)>>,
+    held: Mutex<Held>,
     released: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct Held {
+    ranges: Vec<(u64, u64)>,
+    waiters: usize,
+}
+
+impl Held {
+    fn overlaps(&self, (start, end): (u64, u64)) -> bool {
+        self.ranges.iter().any(|&(s, e)| s < end && start < e)
+    }
 }
 
 struct RangeGuard<'a> {
@@ -552,24 +684,40 @@ struct RangeGuard<'a> {
 impl RangeLocks {
     fn lock(&self, r: ByteRange) -> RangeGuard<'_> {
         let range = (r.offset, r.end());
-        // A poisoned lock only means another writer panicked; the Vec is still consistent.
+        // A poisoned lock only means another writer panicked; the list is still consistent.
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        while held.iter().any(|&(s, e)| s < range.1 && range.0 < e) {
+        while held.overlaps(range) {
+            held.waiters += 1;
             held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
+            held.waiters -= 1;
         }
-        held.push(range);
+        held.ranges.push(range);
         RangeGuard { locks: self, range }
+    }
+
+    /// The lock, if no other writer holds an overlapping range.
+    fn try_lock(&self, r: ByteRange) -> Option<RangeGuard<'_>> {
+        let range = (r.offset, r.end());
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if held.overlaps(range) {
+            return None;
+        }
+        held.ranges.push(range);
+        Some(RangeGuard { locks: self, range })
     }
 }
 
 impl Drop for RangeGuard<'_> {
     fn drop(&mut self) {
         let mut held = self.locks.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
+        if let Some(i) = held.ranges.iter().position(|&r| r == self.range) {
+            held.ranges.swap_remove(i);
         }
+        let waiters = held.waiters;
         drop(held);
-        self.locks.released.notify_all();
+        if waiters > 0 {
+            self.locks.released.notify_all();
+        }
     }
 }
 
@@ -599,7 +747,7 @@ mod tests {
     #[test]
     fn aligned_write_reads_back() {
         let (e, _) = export(SectorSize::S4096, 8);
-        e.write(4096, pattern(8192, 1), false).unwrap();
+        e.write(4096, &mut pattern(8192, 1), false).unwrap();
         let mut out = vec![0u8; 8192];
         e.read(4096, &mut out).unwrap();
         assert_eq!(out, pattern(8192, 1));
@@ -609,7 +757,7 @@ mod tests {
     fn raw_volume_holds_ciphertext_only() {
         let (e, mem) = export(SectorSize::S512, 16);
         let plain = vec![0x42u8; 4096];
-        e.write(0, plain.clone(), false).unwrap();
+        e.write(0, &mut plain.clone(), false).unwrap();
         let raw = mem.snapshot();
         let area = &raw[DATA_OFFSET as usize..DATA_OFFSET as usize + 4096];
         assert_ne!(area, &plain[..]);
@@ -619,8 +767,8 @@ mod tests {
     #[test]
     fn unaligned_write_preserves_neighbours() {
         let (e, _) = export(SectorSize::S4096, 4);
-        e.write(0, pattern(16384, 7), false).unwrap();
-        e.write(1000, vec![0xEE; 5000], false).unwrap();
+        e.write(0, &mut pattern(16384, 7), false).unwrap();
+        e.write(1000, &mut vec![0xEE; 5000], false).unwrap();
         let mut out = vec![0u8; 16384];
         e.read(0, &mut out).unwrap();
         let mut want = pattern(16384, 7);
@@ -631,8 +779,8 @@ mod tests {
     #[test]
     fn unaligned_write_inside_one_sector() {
         let (e, _) = export(SectorSize::S4096, 2);
-        e.write(0, pattern(8192, 3), false).unwrap();
-        e.write(4100, vec![1, 2, 3], false).unwrap();
+        e.write(0, &mut pattern(8192, 3), false).unwrap();
+        e.write(4100, &mut [1, 2, 3], false).unwrap();
         let mut out = vec![0u8; 8192];
         e.read(0, &mut out).unwrap();
         let mut want = pattern(8192, 3);
@@ -643,7 +791,7 @@ mod tests {
     #[test]
     fn unaligned_read_returns_the_exact_bytes() {
         let (e, _) = export(SectorSize::S4096, 2);
-        e.write(0, pattern(8192, 9), false).unwrap();
+        e.write(0, &mut pattern(8192, 9), false).unwrap();
         let mut out = vec![0u8; 10];
         e.read(4090, &mut out).unwrap();
         assert_eq!(out, pattern(8192, 9)[4090..4100]);
@@ -653,7 +801,7 @@ mod tests {
     fn write_zeroes_reads_back_as_zeros() {
         for (off, len) in [(0u64, 16384u64), (100, 9000), (4096, 4096), (5000, 10), (1, 16382)] {
             let (e, _) = export(SectorSize::S4096, 4);
-            e.write(0, pattern(16384, 5), false).unwrap();
+            e.write(0, &mut pattern(16384, 5), false).unwrap();
             e.write_zeroes(off, len, false, false).unwrap();
             let mut out = vec![0u8; 16384];
             e.read(0, &mut out).unwrap();
@@ -675,7 +823,7 @@ mod tests {
         let (e, _) = export(SectorSize::S512, 4);
         let mut buf = vec![0u8; 512];
         assert_eq!(e.read(2048, &mut buf).unwrap_err().errno(), proto::EINVAL);
-        assert_eq!(e.write(2048, vec![0; 512], false).unwrap_err().errno(), proto::ENOSPC);
+        assert_eq!(e.write(2048, &mut vec![0; 512], false).unwrap_err().errno(), proto::ENOSPC);
         assert_eq!(e.write_zeroes(u64::MAX, 2, false, false).unwrap_err().errno(), proto::ENOSPC);
         assert_eq!(e.validate_read(u64::MAX, 1).unwrap_err().errno(), proto::EINVAL);
         assert_eq!(e.trim(2048, 512, false).unwrap_err().errno(), proto::EINVAL);
@@ -689,7 +837,7 @@ mod tests {
             ExportOptions { name: "r".into(), description: String::new(), read_only: true, allow_discards: false };
         let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 1 << 16 };
         let e = Export::new(opts, geo, mem, SectorCipher::new(&key, SectorSize::S512).unwrap());
-        assert_eq!(e.write(0, vec![0; 512], false).unwrap_err().errno(), proto::EPERM);
+        assert_eq!(e.write(0, &mut vec![0; 512], false).unwrap_err().errno(), proto::EPERM);
     }
 
     #[test]
@@ -702,8 +850,8 @@ mod tests {
         let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
         let e = Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap());
         fault.set_faults(FaultPlan { write_eio: 1_000_000, ..Default::default() });
-        let io = e.write(0, vec![1; 512], false).unwrap_err();
-        let range = e.write(1 << 20, vec![1; 512], false).unwrap_err();
+        let io = e.write(0, &mut vec![1; 512], false).unwrap_err();
+        let range = e.write(1 << 20, &mut vec![1; 512], false).unwrap_err();
         e.record_error(&io);
         e.record_error(&range);
         assert_eq!((io.errno(), range.errno()), (proto::EIO, proto::ENOSPC));
@@ -719,13 +867,13 @@ mod tests {
             ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
         let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
         let e = Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap());
-        e.write(0, vec![1; 512], false).unwrap();
+        e.write(0, &mut vec![1; 512], false).unwrap();
         fault.set_faults(FaultPlan { flush_eio: 1_000_000, ..Default::default() });
         assert_eq!(e.flush().unwrap_err().errno(), proto::EIO);
         // The disk works again, but the write above was lost with the failed flush.
         fault.set_faults(FaultPlan::default());
         assert!(matches!(e.flush(), Err(ExportError::FlushFailedEarlier)));
-        assert_eq!(e.write(512, vec![2; 512], true).unwrap_err().errno(), proto::EIO, "FUA flushes too");
+        assert_eq!(e.write(512, &mut vec![2; 512], true).unwrap_err().errno(), proto::EIO, "FUA flushes too");
         assert!(fault.durable_image()[..512].iter().all(|&b| b == 0));
     }
 
@@ -761,7 +909,7 @@ mod tests {
                         let mut log = Vec::new();
                         for i in 0..WRITES {
                             let sector = t * WRITES + i;
-                            e.write(sector * 512, vec![(sector % 251) as u8 + 1; 512], false).unwrap();
+                            e.write(sector * 512, &mut vec![(sector % 251) as u8 + 1; 512], false).unwrap();
                             let acked = clock.fetch_add(1, Ordering::SeqCst);
                             let issued = clock.fetch_add(1, Ordering::SeqCst);
                             log.push((sector, acked, issued, e.flush().is_ok()));
@@ -813,7 +961,7 @@ mod tests {
     #[test]
     fn fua_flushes() {
         let (e, mem) = export(SectorSize::S512, 4);
-        e.write(0, vec![1; 512], true).unwrap();
+        e.write(0, &mut vec![1; 512], true).unwrap();
         assert_eq!(mem.flush_count(), 1);
     }
 
@@ -826,9 +974,9 @@ mod tests {
                 let e = e.clone();
                 std::thread::spawn(move || {
                     for round in 0..50u8 {
-                        e.write(u64::from(i) * 512, vec![i ^ round; 512], false).unwrap();
+                        e.write(u64::from(i) * 512, &mut vec![i ^ round; 512], false).unwrap();
                     }
-                    e.write(u64::from(i) * 512, vec![i + 1; 512], false).unwrap();
+                    e.write(u64::from(i) * 512, &mut vec![i + 1; 512], false).unwrap();
                 })
             })
             .collect();

@@ -13,8 +13,9 @@
 //! - [`tls`]: TLS credentials (rustls on AWS-LC) for `NBD_OPT_STARTTLS` on TCP listeners.
 //! - [`export`]: one served volume: geometry, the sector cipher, read-modify-write for I/O that
 //!   is not sector-aligned, and the one place where failures become NBD errnos.
-//! - [`backend`]: the raw volume (file or block device) behind a narrow trait, plus an
-//!   in-memory fake for tests.
+//! - [`backend`]: the raw volume (file or block device, buffered or `O_DIRECT`) behind a
+//!   narrow trait, plus an in-memory fake for tests.
+//! - [`buf`]: page-aligned I/O buffers and the per-connection pool that recycles them.
 //! - [`crypto`]: key material types ([`crypto::VolumeKey`]) and AES-256-XTS-plain64.
 //! - [`header`]: the on-disk header (two copies, sequence number, checksum, MAC, key slots).
 //! - [`keys`]: key providers that wrap and unwrap the volume key (a local KEK file, AWS KMS),
@@ -35,6 +36,7 @@
 //! - [`logging`]: tracing setup with a reloadable level; [`notify`]: systemd's `sd_notify`.
 
 pub mod backend;
+pub mod buf;
 pub mod cli;
 pub mod commands;
 pub mod config;

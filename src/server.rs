@@ -44,6 +44,10 @@ impl Default for SocketPerms {
     }
 }
 
+/// Send buffer asked for on Unix-socket connections (the default, about 200 KiB, makes a
+/// 1 MiB reply take several writes and wake-ups; TCP autotunes its own).
+const UNIX_SNDBUF: usize = 2 << 20;
+
 /// Where to listen.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ListenAddr {
@@ -259,7 +263,12 @@ async fn accept_loop(listener: Listener, mut ctx: AcceptCtx) {
                     let tls = TlsState { mode: c.opts.tls.mode, active: false };
                     connection(s, peer, tls, c).await
                 }
-                Stream::Unix(s) => connection(s, peer, TlsState::OFF, c).await,
+                Stream::Unix(s) => {
+                    // Room for a whole large reply per write: fewer partial writes and
+                    // wake-ups (the kernel caps it at net.core.wmem_max).
+                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SNDBUF);
+                    connection(s, peer, TlsState::OFF, c).await
+                }
             }
         });
     }

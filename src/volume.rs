@@ -86,12 +86,21 @@ impl Unlocked {
     }
 }
 
-/// Opens the raw volume at `path`, with a non-blocking `fcntl` record lock (exclusive when
+/// Opens the raw volume at `path`, buffered, with a non-blocking `fcntl` record lock (exclusive when
 /// writable, shared otherwise) held as long as the process keeps the file: the offline
 /// operations of [`crate::migrate`] take it exclusively, so they and `serve` refuse each
 /// other ([`FileBackend::try_lock`]).
 pub fn open_backend(path: &std::path::Path, writable: bool) -> Result<Arc<dyn Backend>, VolumeError> {
-    let b = FileBackend::open(path, writable)
+    open_backend_with(path, writable, false)
+}
+
+/// Opens the raw volume at `path`; with `direct`, the data path bypasses the page cache.
+pub fn open_backend_with(
+    path: &std::path::Path,
+    writable: bool,
+    direct: bool,
+) -> Result<Arc<dyn Backend>, VolumeError> {
+    let b = FileBackend::open_with(path, writable, direct)
         .map_err(|source| VolumeError::Open { path: path.display().to_string(), source })?;
     if !b.try_lock(writable) {
         return Err(VolumeError::Locked { path: path.display().to_string() });

@@ -48,9 +48,9 @@ fn read_only_export_refuses_writes() {
     );
 }
 
-fn nbdcopy_round_trip(sector: u32) {
+fn nbdcopy_round_trip(sector: u32, extra: &[&str]) {
     let vol = Volume::new(40 << 20, sector);
-    let d = Daemon::start(&vol, &[]);
+    let d = Daemon::start(&vol, extra);
     let size = 38usize << 20;
     let data = pseudo_random(size, sector as u64);
     let src = vol.path("src.bin");
@@ -65,18 +65,31 @@ fn nbdcopy_round_trip(sector: u32) {
 
 #[test]
 fn nbdcopy_round_trip_4096_sectors() {
-    nbdcopy_round_trip(4096);
+    nbdcopy_round_trip(4096, &[]);
 }
 
 #[test]
 fn nbdcopy_round_trip_512_sectors() {
-    nbdcopy_round_trip(512);
+    nbdcopy_round_trip(512, &[]);
+}
+
+#[test]
+fn nbdcopy_round_trip_direct_io() {
+    for sector in [4096, 512] {
+        nbdcopy_round_trip(sector, &["--direct"]);
+    }
 }
 
 #[test]
 fn qemu_io_writes_at_odd_512_byte_offsets() {
+    for extra in [&[][..], &["--direct"][..]] {
+        qemu_io_odd_offsets(extra);
+    }
+}
+
+fn qemu_io_odd_offsets(extra: &[&str]) {
     let vol = Volume::new(16 << 20, 4096);
-    let d = Daemon::start(&vol, &[]);
+    let d = Daemon::start(&vol, extra);
     // Background pattern, then sub-sector writes straddling 4 KiB sectors, then checks of the
     // written bytes and of their untouched neighbours.
     let cmds = [
@@ -123,9 +136,9 @@ fn qemu_img_convert_and_compare() {
 
 #[test]
 fn nbdsh_many_concurrent_requests_match_a_shadow_copy() {
-    for sector in [4096u32, 512] {
+    for (sector, extra) in [(4096u32, &[][..]), (512, &[][..]), (512, &["--direct"][..])] {
         let vol = Volume::new(12 << 20, sector);
-        let d = Daemon::start(&vol, &[]);
+        let d = Daemon::start(&vol, extra);
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nbd_shadow_workload.py");
         let out = run("/usr/bin/python3", &[script, &d.uri, "3000", &sector.to_string()]);
         assert!(

@@ -172,8 +172,8 @@ fn no_heap_block_holds_key_material_when_it_is_freed() {
             ExportOptions { name: "z".into(), description: String::new(), read_only: false, allow_discards: false };
         let (export, _) = nbdcrypt::volume::into_export(unlocked, opts).unwrap();
         let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
-        export.write(65536, data.clone(), true).unwrap();
-        export.write(100, vec![7u8; 5000], false).unwrap();
+        export.write(65536, &mut data.clone(), true).unwrap();
+        export.write(100, &mut [7u8; 5000], false).unwrap();
         let mut back = vec![0u8; 65536];
         export.read(65536, &mut back).unwrap();
         assert!(back == data, "the export does not read back what it wrote");

@@ -60,6 +60,14 @@ impl Backend for MemBackend {
         Ok(())
     }
 
+    fn try_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<bool> {
+        self.read_at(buf, offset).map(|()| true)
+    }
+
+    fn cached_writes(&self) -> bool {
+        true
+    }
+
     fn flush(&self) -> io::Result<()> {
         self.flushes.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -27,6 +27,26 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// Writes all of `buf` at `offset`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
 
+    /// Like [`Backend::read_at`], but only if the data can be had without waiting for the
+    /// device (it is in the page cache): `Ok(false)` means "would block, use `read_at`", and
+    /// leaves `buf` unspecified. Lets the caller serve cache hits on its own thread. The
+    /// default never tries.
+    fn try_read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    /// True if a write only copies into a cache (buffered I/O) and so returns quickly: the
+    /// caller may then write small requests on its own thread instead of a blocking pool.
+    fn cached_writes(&self) -> bool {
+        false
+    }
+
+    /// What `O_DIRECT` needs: offsets, lengths and buffer addresses that are multiples of
+    /// this many bytes (a power of two, at most [`crate::buf::ALIGN`]). 1 when any will do.
+    fn alignment(&self) -> u64 {
+        1
+    }
+
     /// Makes every completed write durable (fdatasync).
     fn flush(&self) -> io::Result<()>;
 

@@ -1,9 +1,8 @@
 //! `nbdcrypt inspect` (the header, never key material), `inspect --dump-volume-key` (the one
-//! place a plaintext key is ever printed, for emergency access), and `nbdcrypt benchmark`.
+//! place a plaintext key is ever printed, for emergency access).
 
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
 
 use zeroize::Zeroizing;
 
@@ -11,7 +10,6 @@ use super::{confirm, io_err, keyring, CmdError};
 use crate::backend::FileBackend;
 use crate::cli::InspectArgs;
 use crate::header::{store, Header};
-use crate::units::SectorSize;
 use crate::volume;
 
 pub(super) fn inspect(device: &Path, json: bool) -> Result<(), CmdError> {
@@ -141,24 +139,12 @@ fn dmcrypt_table(h: &Header, key_hex: &str, device: &str) -> Zeroizing<String> {
     ))
 }
 
-pub(super) fn benchmark(seconds: f64) -> Result<(), CmdError> {
-    let d = Duration::from_secs_f64(seconds.clamp(0.05, 60.0));
-    println!("# aes-xts-plain64, 512-bit key, AWS-LC, one thread");
-    println!("{:>8} {:>10} {:>14}", "sector", "request", "encrypt");
-    for ss in [SectorSize::S512, SectorSize::S4096] {
-        for req in [4096usize, 64 << 10, 1 << 20] {
-            let enc = crate::crypto::xts::measure_throughput(ss, req, d);
-            println!("{:>8} {:>9}K {:>8.1} MiB/s", ss.bytes(), req >> 10, enc / 1048576.0);
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crypto::VolumeKey;
     use crate::header::DEFAULT_DATA_OFFSET;
+    use crate::units::SectorSize;
 
     fn header(ss: SectorSize) -> Header {
         let key = VolumeKey::from_slice(&[7u8; 64]).unwrap();

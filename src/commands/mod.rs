@@ -13,6 +13,7 @@ use crate::header::HeaderError;
 use crate::keys::{local, KeyError, KeyProvider, KeySpec, Keyring, KmsOptions};
 use crate::volume::VolumeError;
 
+mod benchmark;
 mod check_config;
 mod control;
 mod docs;
@@ -102,7 +103,7 @@ pub async fn run(command: Command) -> Result<(), CmdError> {
         Command::Encrypt(args) => migrate::encrypt(args).await,
         Command::Reencrypt(args) => migrate::reencrypt(args).await,
         Command::Decrypt(args) => migrate::decrypt(args).await,
-        Command::Benchmark { seconds } => inspect::benchmark(seconds),
+        Command::Benchmark(args) => benchmark::benchmark(args).await,
         Command::Status { target, json } => control::status(&target, json).await,
         Command::Suspend { target, export } => control::suspend(&target, export).await,
         Command::Resume { target, export, kek_file } => control::resume(&target, export, kek_file).await,

@@ -73,6 +73,22 @@ impl CipherGate {
         self.with(|c| c.decrypt(first, buf))
     }
 
+    /// [`CipherGate::encrypt`] for a caller that must not block (an async task): `None`,
+    /// with `buf` untouched, if the gate is suspended.
+    pub fn try_encrypt(&self, first: SectorIndex, buf: &mut [u8]) -> Option<Result<(), GateError>> {
+        self.try_with(|c| c.encrypt(first, buf))
+    }
+
+    /// [`CipherGate::decrypt`] for a caller that must not block: `None` if suspended.
+    pub fn try_decrypt(&self, first: SectorIndex, buf: &mut [u8]) -> Option<Result<(), GateError>> {
+        self.try_with(|c| c.decrypt(first, buf))
+    }
+
+    fn try_with(&self, f: impl FnOnce(&SectorCipher) -> Result<(), CipherError>) -> Option<Result<(), GateError>> {
+        let guard = self.cipher.load();
+        guard.as_ref().map(|c| f(c).map_err(GateError::from))
+    }
+
     fn with(&self, f: impl FnOnce(&SectorCipher) -> Result<(), CipherError>) -> Result<(), GateError> {
         loop {
             {
