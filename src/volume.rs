@@ -86,16 +86,22 @@ impl Unlocked {
     }
 }
 
-/// Opens the raw volume at `path`, buffered, with a non-blocking `fcntl` record lock (exclusive when
-/// writable, shared otherwise) held as long as the process keeps the file: the offline
-/// operations of [`crate::migrate`] take it exclusively, so they and `serve` refuse each
-/// other ([`FileBackend::try_lock`]).
+/// Opens the raw volume at `path`, buffered, for a command that reads or changes only the
+/// header (`inspect`, `keyslot`, `rewrap`): no "in use" lock, so key slots can be added,
+/// removed or rewrapped while the volume is served (the header-changing commands serialise
+/// on an exclusive `flock` instead, which the offline operations take too).
 pub fn open_backend(path: &std::path::Path, writable: bool) -> Result<Arc<dyn Backend>, VolumeError> {
-    open_backend_with(path, writable, false)
+    let b = FileBackend::open(path, writable)
+        .map_err(|source| VolumeError::Open { path: path.display().to_string(), source })?;
+    Ok(Arc::new(b))
 }
 
-/// Opens the raw volume at `path`; with `direct`, the data path bypasses the page cache.
-pub fn open_backend_with(
+/// Opens the raw volume at `path` for serving; with `direct`, the data path bypasses the page
+/// cache. Takes a non-blocking `fcntl` record lock (exclusive when writable, shared otherwise),
+/// held as long as the process keeps the file: the offline operations of [`crate::migrate`]
+/// take it exclusively, so they and `serve` refuse each other, as do two writable daemons
+/// ([`FileBackend::try_lock`]).
+pub fn open_backend_for_serving(
     path: &std::path::Path,
     writable: bool,
     direct: bool,

@@ -209,8 +209,9 @@ fn migrate_from_an_nbd_source_resumes_after_kill() {
         .stderr(Stdio::null())
         .spawn()
         .expect("nbdkit");
+    // The socket file appears at bind(), before nbdkit listens: wait for a connection.
     for _ in 0..200 {
-        if sock.exists() {
+        if std::os::unix::net::UnixStream::connect(&sock).is_ok() {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -401,7 +402,27 @@ fn offline_operations_refuse_a_served_volume() {
     let o = nbdcrypt(&["reencrypt", target.to_str().unwrap(), "--key", &fx.key()]);
     assert_eq!(o.status.code(), Some(5), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("in use"));
+    // A second writable daemon on the same volume is refused too.
+    let port2 = free_port();
+    let listen2 = format!("127.0.0.1:{port2}");
+    let second =
+        nbdcrypt(&["serve", target.to_str().unwrap(), "--listen", &listen2, "--kek-file", fx.kek.to_str().unwrap()]);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("in use"), "{}", String::from_utf8_lossy(&second.stderr));
+    // Key management only changes the header, and keeps working on a served volume.
+    let kek2 = fx.path("second.kek");
+    check(nbdcrypt(&["genkey", kek2.to_str().unwrap()]), "genkey");
+    let key2 = format!("local:{}", kek2.display());
+    check(
+        nbdcrypt(&["keyslot", "add", target.to_str().unwrap(), "--key", &key2, "--kek-file", fx.kek.to_str().unwrap()]),
+        "keyslot add on a served volume",
+    );
+    let list = check(nbdcrypt(&["keyslot", "list", target.to_str().unwrap()]), "keyslot list");
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert_eq!(listed.matches("  slot ").count(), 2, "{listed}");
     assert_eq!(d.stop(), 0);
+    // The new slot unlocks the volume, and the data is intact.
+    assert!(read_served(fx.dir.path(), &target, &kek2) == std::fs::read(&fx.image).unwrap());
 }
 
 #[test]

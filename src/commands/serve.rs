@@ -522,7 +522,7 @@ async fn open_export(cfg: &ExportConfig, kms: &KmsOptions, strict_binding: bool)
         create_if_missing(cfg, create).await?;
     }
     let keyring = Keyring::new(&cfg.kek_files, kms.clone())?;
-    let backend = volume::open_backend_with(&cfg.device, !cfg.read_only, cfg.direct)?;
+    let backend = volume::open_backend_for_serving(&cfg.device, !cfg.read_only, cfg.direct)?;
     let device_id = cfg.device_id.clone().or_else(|| crate::identity::device_volume_id(&cfg.device));
     let strict = strict_binding || cfg.strict_binding;
     let unlock_started = Instant::now();
