@@ -487,6 +487,25 @@ fn nbdsh_negotiation_and_commands() {
 // ---- Limits and shutdown ---------------------------------------------------------------------
 
 #[test]
+fn a_queue_deeper_than_the_byte_budget_is_answered_in_full() {
+    // 1000 reads and writes of 512 bytes (over the 128-request cap) and 256 x 1 MiB (over the 12 MiB
+    // cap) queued at once: requests wait for budget inside the server, and the client sends
+    // nothing more until they are answered.
+    let (_v, d) = daemon(&[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/deep_queue.py");
+    for (depth, len) in [("1000", "512"), ("256", "1048576")] {
+        let out = run("/usr/bin/python3", &[script, &d.uri, depth, len]);
+        assert!(
+            out.status.success(),
+            "deep_queue.py {depth} x {len} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
 fn connections_over_the_cap_are_closed_at_once() {
     let (_v, d) = daemon(&["--max-connections", "2"]);
     let (a, _) = Raw::connect(d.port).open("t", false);

@@ -204,10 +204,13 @@ where
     loop {
         // Requests already received that could start once the queued replies are out.
         let mut more = false;
+        // A received request waits for budget.
+        let mut blocked = false;
         if reading && pending.is_none() {
             let flush_at = if socket_full { usize::MAX } else { FLUSH_AT };
             match conn.take_requests(&mut inbuf, &mut pending, flush_at) {
                 Ok(Step::Continue) => {}
+                Ok(Step::Blocked) => blocked = true,
                 Ok(Step::Yield) => more = true,
                 Ok(Step::Disc) => reading = false,
                 Err(e) => {
@@ -216,6 +219,7 @@ where
                 }
             }
         }
+        let in_flight = conn.budget.requests;
         if write_failed {
             conn.out.discard(&mut conn.pool, &mut conn.budget);
         } else if !conn.out.is_empty() {
@@ -236,7 +240,9 @@ where
                 Poll::Pending => socket_full = true,
             }
         }
-        if more {
+        // The replies just written released budget that a received request waits for: start
+        // it now. (Waiting below would hang when the client has nothing more to send.)
+        if more || (blocked && conn.budget.requests < in_flight) {
             // Either the replies are out, or the socket is full and requests wait: both
             // mean serving the next requests now.
             continue;
@@ -379,8 +385,10 @@ struct Pending {
 }
 
 enum Step {
-    /// Wait for more input (or for room in the budget).
+    /// Wait for more input.
     Continue,
+    /// A received request waits for room in the budget, which only replies going out make.
+    Blocked,
     /// Replies worth writing are queued; more requests are ready to start after that.
     Yield,
     /// The client sent DISC.
@@ -526,7 +534,7 @@ impl Conn {
             };
             let cost = if self.shutting { 0 } else { cost };
             if !self.budget.admits(cost) {
-                return Ok(Step::Continue);
+                return Ok(Step::Blocked);
             }
             let gathered = payload.is_some() && len <= GATHER_MAX && !self.shutting;
             if gathered && inbuf.data().len() < hl + len {
