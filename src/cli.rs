@@ -440,6 +440,12 @@ pub struct MigrateArgs {
     /// Re-read both sides after copying and compare every byte.
     #[arg(long)]
     pub verify: bool,
+    /// Encrypt and write the source's zero runs too. By default runs of 64 KiB or more of
+    /// zeros are left as zeros on the target (a hole in a file, zeroed blocks on a device)
+    /// and read back as zeros; that keeps the target sparse but shows, as TRIM does on
+    /// dm-crypt, where the source was zero.
+    #[arg(long)]
+    pub no_sparse: bool,
     /// Overwrite a target that holds data, another migration or a complete volume.
     #[arg(long)]
     pub yes: bool,

@@ -231,7 +231,7 @@ pub fn into_export(u: Unlocked, opts: ExportOptions) -> Result<(Arc<Export>, Hea
     if let Some(c) = &h.checkpoint {
         return Err(VolumeError::Busy { kind: c.kind.clone() });
     }
-    let cipher = SectorCipher::new(&u.key, h.sector_size)?;
+    let cipher = SectorCipher::new(&u.key, h.sector_size)?.with_zero_sectors(h.zero_sectors);
     drop(u.key);
     let geo = Geometry { sector_size: h.sector_size, data_offset: h.data_offset, data_size: h.data_size };
     Ok((Arc::new(Export::new(opts, geo, u.backend, cipher)), h))

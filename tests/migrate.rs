@@ -244,6 +244,56 @@ fn migrate_from_an_nbd_source_resumes_after_kill() {
     assert!(read_served(fx.dir.path(), &target, &fx.kek) == std::fs::read(&fx.image).unwrap());
 }
 
+/// Bytes of storage a file holds (its blocks), as `du` counts them.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(p).unwrap().blocks() * 512
+}
+
+fn zero_sectors_flag(image: &Path) -> bool {
+    let out = check(nbdcrypt(&["inspect", image.to_str().unwrap(), "--json"]), "inspect --json");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["zero_sectors"].as_bool().unwrap()
+}
+
+#[test]
+fn sparse_migration_keeps_holes_and_reads_back_through_reencrypt_and_decrypt() {
+    let fx = Fixture::new();
+    let plain = std::fs::read(&fx.image).unwrap();
+    let migrate = |name: &str, extra: &[&str]| -> PathBuf {
+        let target = fx.path(name);
+        std::fs::File::create(&target).unwrap().set_len(FS + RESERVE).unwrap();
+        let t = target.to_str().unwrap();
+        let key = fx.key();
+        let args =
+            [&["migrate", "--from", fx.image.to_str().unwrap(), "--to", t, "--key", &key, "--verify"], extra].concat();
+        check(nbdcrypt(&args), "migrate");
+        target
+    };
+    // The ext4 image is mostly zeros (free space, a 2 MiB file of zeros): the target keeps
+    // them as holes, at most the header (2 MiB) and some slack more than the image itself.
+    let sparse = migrate("sparse.img", &[]);
+    assert!(zero_sectors_flag(&sparse));
+    let (img_alloc, sparse_alloc) = (allocated(&fx.image), allocated(&sparse));
+    assert!(sparse_alloc <= img_alloc + 3 * MIB, "target holds {sparse_alloc} bytes, the image {img_alloc}");
+    assert!(read_served(fx.dir.path(), &sparse, &fx.kek) == plain, "sparse target serves different bytes");
+    // --no-sparse encrypts the zeros too: every byte of the data area is allocated.
+    let dense = migrate("dense.img", &["--no-sparse"]);
+    assert!(!zero_sectors_flag(&dense));
+    assert!(allocated(&dense) >= FS, "a --no-sparse target holds only {} bytes", allocated(&dense));
+    assert!(read_served(fx.dir.path(), &dense, &fx.kek) == plain);
+    // Reencrypt reads the holes as zeros and writes real ciphertext everywhere: no flag after.
+    let s = sparse.to_str().unwrap();
+    check(nbdcrypt(&["reencrypt", s, "--key", &fx.key(), "--new-key", &fx.key2()]), "reencrypt of a sparse volume");
+    assert!(!zero_sectors_flag(&sparse));
+    assert!(read_served(fx.dir.path(), &sparse, &fx.kek2) == plain, "re-encrypted sparse volume differs");
+    // Decrypt straight from a sparse volume: its holes become plaintext zeros.
+    let sparse2 = migrate("sparse2.img", &[]);
+    check(nbdcrypt(&["decrypt", sparse2.to_str().unwrap(), "--key", &fx.key()]), "decrypt of a sparse volume");
+    let back = std::fs::read(&sparse2).unwrap();
+    assert!(back[..FS as usize] == plain[..], "decrypted sparse volume differs");
+}
+
 #[test]
 fn encrypt_reencrypt_decrypt_in_place_keep_the_filesystem() {
     let fx = Fixture::new();

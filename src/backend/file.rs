@@ -181,6 +181,26 @@ impl Backend for FileBackend {
             .map_err(io::Error::from)
     }
 
+    /// `fallocate(PUNCH_HOLE)`: a hole in a file; on a block device, zeroes that the device
+    /// unmaps (Linux 4.9+, where it supports that). Else `ZERO_RANGE` (a block device writes
+    /// zeros itself, as `BLKZEROOUT`), else zeros written from here.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        let unsupported = |e: &rustix::io::Errno| {
+            matches!(*e, rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NODEV)
+        };
+        match fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(e) if !unsupported(&e) => return Err(e.into()),
+            Err(_) => {}
+        }
+        match fallocate(&self.file, FallocateFlags::ZERO_RANGE | FallocateFlags::KEEP_SIZE, offset, len) {
+            Ok(()) => Ok(()),
+            Err(e) if !unsupported(&e) => Err(e.into()),
+            Err(_) => super::write_zeros(self, offset, len),
+        }
+    }
+
     fn describe(&self) -> String {
         let kind = if self.is_block_device { "block device" } else { "file" };
         let mode =

@@ -56,6 +56,26 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
         Err(io::ErrorKind::Unsupported.into())
     }
 
+    /// Makes `[offset, offset + len)` read as zeros: unlike [`Backend::discard`], the zeros
+    /// are guaranteed. Backends that can release the storage meanwhile (a hole in a file)
+    /// override this; the default writes zeros.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        write_zeros(self, offset, len)
+    }
+
     /// A short human description for logs (`file /path`, `memory`).
     fn describe(&self) -> String;
+}
+
+/// [`Backend::zero_range`] by writing zeros, 1 MiB at a time.
+pub(crate) fn write_zeros<B: Backend + ?Sized>(b: &B, offset: u64, len: u64) -> io::Result<()> {
+    const PIECE: u64 = 1 << 20;
+    let zeros = vec![0u8; PIECE.min(len) as usize];
+    let mut at = 0;
+    while at < len {
+        let n = PIECE.min(len - at);
+        b.write_at(&zeros[..n as usize], offset + at)?;
+        at += n;
+    }
+    Ok(())
 }

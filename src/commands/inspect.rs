@@ -38,6 +38,7 @@ pub(super) fn inspect(device: &Path, json: bool) -> Result<(), CmdError> {
             "cipher": h.cipher.to_string(), "key_bits": 512, "sector_size": h.sector_size.bytes(),
             "data_offset": h.data_offset, "data_size": h.data_size,
             "binding": h.binding.as_ref().map(|b| b.volume_id.clone()),
+            "zero_sectors": h.zero_sectors,
             "primary": copy(&loaded.primary), "secondary": copy(&loaded.secondary),
             "slots": slots,
             "in_progress": h.checkpoint.as_ref().map(|c| serde_json::json!({"kind": c.kind, "offset": c.offset})),
@@ -57,6 +58,9 @@ pub(super) fn inspect(device: &Path, json: bool) -> Result<(), CmdError> {
     println!("  secondary:    {}", copy(&loaded.secondary));
     if let Some(b) = &h.binding {
         println!("  bound to:     {}", b.volume_id);
+    }
+    if h.zero_sectors {
+        println!("  sparse:       yes (all-zero raw sectors read as zeros; a dm-crypt table does not know this)");
     }
     if let Some(c) = &h.checkpoint {
         println!("  in progress:  unfinished {} (offset {}): rerun `nbdcrypt {}` to finish", c.kind, c.offset, c.kind);
@@ -115,6 +119,15 @@ pub(super) async fn dump_volume_key(args: InspectArgs) -> Result<(), CmdError> {
             table.as_str()
         ))
     };
+    if h.zero_sectors {
+        // dm-crypt decrypts a never-written (all-zero) sector to noise, where nbdcrypt reads
+        // zeros: a filesystem that relies on zeroed blocks would see garbage there.
+        eprintln!(
+            "nbdcrypt: warning: {device} is sparse (zero_sectors): dm-crypt with this table reads its unwritten \
+             sectors as noise, not zeros; run `nbdcrypt reencrypt` first (it writes every sector) or read it \
+             through `nbdcrypt serve`"
+        );
+    }
     let mut stdout = std::io::stdout().lock();
     stdout.write_all(out.as_bytes()).and_then(|_| stdout.flush()).map_err(io_err("writing to stdout"))?;
     tracing::warn!(device = %device, slot = u.slot, "printed the plaintext volume key");

@@ -157,6 +157,8 @@ pub(super) async fn migrate(args: MigrateArgs) -> Result<(), CmdError> {
             }
             let (mut h, key) =
                 build_header(new_provider.as_ref(), ss, Vec::new(), None, DEFAULT_DATA_OFFSET, data_size).await?;
+            h.zero_sectors = !args.no_sparse;
+            h.reseal(&key);
             h.checkpoint = Some(copy::checkpoint(&key, &h, 0, size, &fp));
             store::write_new(dev.as_ref(), &mut h)?;
             tracing::info!(uuid = %h.uuid, data_size, "formatted the target");

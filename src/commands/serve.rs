@@ -504,7 +504,8 @@ async fn resume_one(s: &Served, kms: &KmsOptions, kek_file: Option<&Path>) -> Re
             h.uuid
         )));
     }
-    let cipher = SectorCipher::new(&unlocked.key, h.sector_size).map_err(VolumeError::from)?;
+    let cipher =
+        SectorCipher::new(&unlocked.key, h.sector_size).map_err(VolumeError::from)?.with_zero_sectors(h.zero_sectors);
     let slot = unlocked.slot;
     drop(unlocked);
     if !s.export.resume(cipher) {

@@ -15,4 +15,4 @@ mod xts_soft;
 
 pub use gate::{CipherGate, GateError, GateState};
 pub use secret::{Kek, Secret, VolumeKey};
-pub use xts::{live_contexts, CipherError, SectorCipher};
+pub use xts::{is_zero, live_contexts, CipherError, SectorCipher};

@@ -69,6 +69,8 @@ pub struct SectorCipher {
     dec: ContextPool,
     /// Number of AWS-LC contexts alive for this cipher (templates, idle and in use).
     live: Arc<AtomicUsize>,
+    /// Decryption leaves all-zero sectors as zeros (the header's `zero_sectors`).
+    zero_sectors: bool,
 }
 
 impl SectorCipher {
@@ -82,7 +84,16 @@ impl SectorCipher {
         let live = Arc::new(AtomicUsize::new(0));
         let enc = ContextPool::new(key, Direction::Encrypt, &live)?;
         let dec = ContextPool::new(key, Direction::Decrypt, &live)?;
-        Ok(SectorCipher { sector_size, enc, dec, live })
+        Ok(SectorCipher { sector_size, enc, dec, live, zero_sectors: false })
+    }
+
+    /// With `on`, [`SectorCipher::decrypt`] leaves a sector whose ciphertext is all zeros as
+    /// plaintext zeros: a sector never written since a sparse `migrate` reads as the zeros it
+    /// stands for. Real ciphertext differs from zero in its first bytes with overwhelming
+    /// probability, so the check costs one comparison per sector.
+    pub fn with_zero_sectors(mut self, on: bool) -> Self {
+        self.zero_sectors = on;
+        self
     }
 
     pub fn sector_size(&self) -> SectorSize {
@@ -101,7 +112,29 @@ impl SectorCipher {
     /// Decrypts whole sectors in place; `buf.len()` must be a multiple of the sector size;
     /// sector i of buf uses tweak `first + i`. Errors as for [`SectorCipher::encrypt`].
     pub fn decrypt(&self, first: SectorIndex, buf: &mut [u8]) -> Result<(), CipherError> {
-        self.run(&self.dec, first, buf)
+        if !self.zero_sectors {
+            return self.run(&self.dec, first, buf);
+        }
+        let ss = self.sector_size.bytes_usize();
+        if buf.len() % ss != 0 {
+            return Err(CipherError::UnalignedBuffer { len: buf.len(), sector_size: self.sector_size.bytes() });
+        }
+        // Decrypt each run of non-zero sectors in one call, so the wide AES path stays fed.
+        let n = buf.len() / ss;
+        let mut i = 0;
+        while i < n {
+            if is_zero(&buf[i * ss..(i + 1) * ss]) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < n && !is_zero(&buf[i * ss..(i + 1) * ss]) {
+                i += 1;
+            }
+            let at = first.checked_add(start as u64).ok_or(CipherError::SectorOverflow)?;
+            self.run(&self.dec, at, &mut buf[start * ss..i * ss])?;
+        }
+        Ok(())
     }
 
     fn run(&self, pool: &ContextPool, first: SectorIndex, buf: &mut [u8]) -> Result<(), CipherError> {
@@ -138,6 +171,12 @@ impl fmt::Debug for SectorCipher {
             .field("contexts", &self.live.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
+}
+
+/// True if every byte of `s` is zero; returns at the first non-zero 8-byte word.
+pub fn is_zero(s: &[u8]) -> bool {
+    let mut words = s.chunks_exact(8);
+    words.all(|w| w.iter().fold(0u8, |a, &b| a | b) == 0) && words.remainder().iter().all(|&b| b == 0)
 }
 
 /// AWS-LC XTS contexts alive in the whole process, over every cipher (templates, idle and in
@@ -638,6 +677,33 @@ mod tests {
             assert_ne!(buf, plain);
             cipher.decrypt(SectorIndex(5), &mut buf).unwrap();
             assert_eq!(buf, plain, "sector size {size}");
+        }
+    }
+
+    #[test]
+    fn zero_sectors_read_as_zeros_only_when_enabled() {
+        for size in [SectorSize::S512, SectorSize::S4096] {
+            let ss = size.bytes_usize();
+            let key = VolumeKey::generate().unwrap();
+            let plain = random_bytes(6 * ss);
+            let mut raw = plain.clone();
+            SectorCipher::new(&key, size).unwrap().encrypt(SectorIndex(7), &mut raw).unwrap();
+            // Raw sectors 1, 2 and 5 were never written (a sparse target): zeros.
+            for i in [1, 2, 5] {
+                raw[i * ss..(i + 1) * ss].fill(0);
+            }
+            let mut want = plain.clone();
+            for i in [1, 2, 5] {
+                want[i * ss..(i + 1) * ss].fill(0);
+            }
+            let mut got = raw.clone();
+            SectorCipher::new(&key, size).unwrap().with_zero_sectors(true).decrypt(SectorIndex(7), &mut got).unwrap();
+            assert_eq!(got, want, "sector size {size}");
+            // Without the flag a zero sector decrypts like any other: to noise.
+            let mut noise = raw.clone();
+            SectorCipher::new(&key, size).unwrap().decrypt(SectorIndex(7), &mut noise).unwrap();
+            assert_ne!(&noise[ss..2 * ss], &want[ss..2 * ss]);
+            assert_eq!(&noise[..ss], &plain[..ss]);
         }
     }
 

@@ -469,6 +469,7 @@ mod tests {
             binding in proptest::option::of(short_string(256)),
             slots in proptest::collection::vec(arb_slot(), 0..4),
             checkpoint in proptest::option::of((short_string(256), any::<u64>(), small_map())),
+            zero_sectors in any::<bool>(),
         ) -> Header {
             let sector_size = if big { SectorSize::S4096 } else { SectorSize::S512 };
             let data_size = size_sectors * sector_size.bytes_u64();
@@ -485,6 +486,7 @@ mod tests {
                 binding: binding.map(|volume_id| Binding { volume_id }),
                 slots: slots.into_iter().enumerate().map(|(i, s)| KeySlot { id: i as u32 * 3, ..s }).collect(),
                 checkpoint: checkpoint.map(|(kind, off, extra)| Checkpoint { kind, offset: off % (data_size + 1), extra }),
+                zero_sectors,
             }
         }
     }

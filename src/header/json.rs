@@ -30,6 +30,11 @@ pub(super) struct RawMetadata {
     slots: Vec<RawSlot>,
     #[serde(deserialize_with = "nullable")]
     reencrypt: Option<RawCheckpoint>,
+    /// The one optional member: absent means false, and it is written only when true, so a
+    /// version of nbdcrypt that does not know it refuses such a header (unknown field)
+    /// instead of decrypting its zero sectors to noise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    zero_sectors: bool,
 }
 
 /// An `Option` that must be present (possibly `null`): serde would otherwise take a missing
@@ -108,6 +113,7 @@ impl RawMetadata {
                 offset: c.offset,
                 extra: c.extra.clone(),
             }),
+            zero_sectors: h.zero_sectors,
         }
     }
 
@@ -164,6 +170,7 @@ impl RawMetadata {
             binding: self.binding.map(|b| Binding { volume_id: b.volume_id }),
             slots,
             checkpoint: self.reencrypt.map(|c| Checkpoint { kind: c.kind, offset: c.offset, extra: c.extra }),
+            zero_sectors: self.zero_sectors,
         };
         h.validate()?;
         Ok(h)
@@ -197,6 +204,17 @@ mod tests {
 
     fn raw_json(h: &Header) -> serde_json::Value {
         serde_json::to_value(RawMetadata::from_header(h)).unwrap()
+    }
+
+    #[test]
+    fn zero_sectors_is_written_only_when_set_and_round_trips() {
+        let mut h = sample(&key(1));
+        assert!(raw_json(&h).get("zero_sectors").is_none());
+        h.zero_sectors = true;
+        let v = raw_json(&h);
+        assert_eq!(v["zero_sectors"], serde_json::Value::Bool(true));
+        let raw: RawMetadata = serde_json::from_value(v).unwrap();
+        assert!(raw.into_header(0).unwrap().zero_sectors);
     }
 
     fn parse(v: serde_json::Value) -> Result<Header, HeaderError> {

@@ -182,6 +182,10 @@ pub struct Header {
     pub binding: Option<Binding>,
     pub slots: Vec<KeySlot>,
     pub checkpoint: Option<Checkpoint>,
+    /// An all-zero raw sector reads as plaintext zeros instead of being decrypted (set by
+    /// `migrate`, whose target stays sparse where the source is zero). Real ciphertext is
+    /// all-zero with probability 2^-4096 (2^-32768 for 4096-byte sectors). Covered by the MAC.
+    pub zero_sectors: bool,
 }
 
 impl Header {
@@ -211,6 +215,7 @@ impl Header {
             binding,
             slots: Vec::new(),
             checkpoint: None,
+            zero_sectors: false,
         };
         h.validate()?;
         h.reseal(key);
@@ -276,6 +281,7 @@ impl Header {
     /// ```text
     /// u16 version | 16 uuid | u8 len, cipher name | u32 key_bytes | u32 sector_size
     /// | u64 data_offset | u64 data_size | u8 0 (no binding) or u8 1, u32 len, volume_id
+    /// | u8 1 if zero_sectors (nothing otherwise, so older headers keep their MAC)
     /// ```
     ///
     /// Not covered: `seq` (changes on every write), the key digest (self-verifying), the
@@ -301,6 +307,9 @@ impl Header {
                 out.extend_from_slice(&len.to_be_bytes());
                 out.extend_from_slice(b.volume_id.as_bytes());
             }
+        }
+        if self.zero_sectors {
+            out.push(1);
         }
         out
     }
@@ -603,6 +612,22 @@ pub(crate) mod tests {
         h.binding = Some(Binding { volume_id: String::new() });
         assert_ne!(without, h.canonical_bytes());
         assert!(Cipher::AesXtsPlain64.name().len() < 256);
+    }
+
+    #[test]
+    fn zero_sectors_is_covered_by_the_mac_and_absent_when_off() {
+        let k = key(1);
+        let mut h = sample(&k);
+        let before = h.canonical_bytes();
+        h.zero_sectors = true;
+        assert_ne!(before, h.canonical_bytes());
+        // Turning the flag on without the key is detected.
+        assert!(matches!(h.verify_mac(&k), Err(HeaderError::MacMismatch)));
+        h.reseal(&k);
+        h.verify_mac(&k).unwrap();
+        // Off, the canonical bytes are those of a header that predates the flag.
+        h.zero_sectors = false;
+        assert_eq!(before, h.canonical_bytes());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Mutex};
 
 use crate::backend::Backend;
-use crate::crypto::{SectorCipher, VolumeKey};
+use crate::crypto::{is_zero, SectorCipher, VolumeKey};
 use crate::header::{store, Checkpoint, Header};
 
 use super::progress::Progress;
@@ -219,14 +219,51 @@ fn copy_chunk(
     }
     let padded = h.sector_size.align_up(n).ok_or_else(|| MigrateError::Invalid("size overflow".into()))?;
     buf.resize(padded as usize, 0);
-    cipher.encrypt(h.sector_size.sector_of(off), buf)?;
-    dev.write_at(buf, h.data_offset + off).map_err(MigrateError::io("writing the target"))
+    if !h.zero_sectors {
+        cipher.encrypt(h.sector_size.sector_of(off), buf)?;
+        return dev.write_at(buf, h.data_offset + off).map_err(MigrateError::io("writing the target"));
+    }
+    // A sparse target: runs of at least SPARSE_RUN zero bytes become zeros on the target (a
+    // hole where it can), which the header's `zero_sectors` reads back as zeros; the rest is
+    // encrypted, shorter zero runs included (not worth a system call each).
+    let ss = h.sector_size.bytes_usize();
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    for s in (0..buf.len()).step_by(ss) {
+        let zero = is_zero(&buf[s..s + ss]);
+        match runs.last_mut() {
+            Some(r) if r.2 == zero => r.1 = s + ss,
+            _ => runs.push((s, s + ss, zero)),
+        }
+    }
+    let mut merged: Vec<(usize, usize, bool)> = Vec::with_capacity(runs.len());
+    for (a, b, zero) in runs {
+        let zero = zero && b - a >= SPARSE_RUN;
+        match merged.last_mut() {
+            Some(r) if r.2 == zero => r.1 = b,
+            _ => merged.push((a, b, zero)),
+        }
+    }
+    for (a, b, zero) in merged {
+        let at = h.data_offset + off + a as u64;
+        if zero {
+            dev.zero_range(at, (b - a) as u64).map_err(MigrateError::io("zeroing the target"))?;
+        } else {
+            let data = &mut buf[a..b];
+            cipher.encrypt(h.sector_size.sector_of(off + a as u64), data)?;
+            dev.write_at(data, at).map_err(MigrateError::io("writing the target"))?;
+        }
+    }
+    Ok(())
 }
+
+/// The shortest run of zeros a sparse migration leaves unwritten (a hole) rather than
+/// encrypting it.
+const SPARSE_RUN: usize = 64 << 10;
 
 /// Re-reads the source and the target and compares every byte (the target decrypted); the
 /// target's data area must also be zero past the source's end.
 pub fn verify(src: &mut dyn Source, dev: &dyn Backend, h: &Header, key: &VolumeKey) -> Result<(), MigrateError> {
-    let cipher = SectorCipher::new(key, h.sector_size)?;
+    let cipher = SectorCipher::new(key, h.sector_size)?.with_zero_sectors(h.zero_sectors);
     let size = src.size();
     if h.data_size < size {
         return Err(MigrateError::Mismatch(format!("the target holds {} bytes, the source {size}", h.data_size)));

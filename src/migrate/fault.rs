@@ -46,6 +46,16 @@ pub fn throttle() {
     }
 }
 
+impl KillAfterWrites {
+    /// Counts a write (or zeroing) and dies before the `limit`-th.
+    fn before_write(&self) {
+        if self.count.fetch_add(1, Ordering::SeqCst) >= self.limit {
+            eprintln!("nbdcrypt: fault injection: SIGKILL before write {}", self.limit);
+            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
+        }
+    }
+}
+
 impl Backend for KillAfterWrites {
     fn size(&self) -> u64 {
         self.inner.size()
@@ -54,10 +64,7 @@ impl Backend for KillAfterWrites {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        if self.count.fetch_add(1, Ordering::SeqCst) >= self.limit {
-            eprintln!("nbdcrypt: fault injection: SIGKILL before write {}", self.limit);
-            let _ = rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL);
-        }
+        self.before_write();
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {
@@ -65,6 +72,10 @@ impl Backend for KillAfterWrites {
     }
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.inner.discard(offset, len)
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.before_write();
+        self.inner.zero_range(offset, len)
     }
     fn describe(&self) -> String {
         self.inner.describe()

@@ -147,11 +147,20 @@ pub fn run(
     check_plan(plan, dev.size())?;
     let guard = keys.guard(plan.op).ok_or_else(|| MigrateError::Invalid("missing key".into()))?;
     let digest = plan.digest()?;
-    let cipher = |k: &Option<VolumeKey>| -> Result<Option<SectorCipher>, MigrateError> {
-        k.as_ref().map(|k| SectorCipher::new(k, plan.sector_size)).transpose().map_err(MigrateError::from)
+    let cipher = |k: &Option<VolumeKey>, zero_sectors: bool| -> Result<Option<SectorCipher>, MigrateError> {
+        k.as_ref()
+            .map(|k| SectorCipher::new(k, plan.sector_size).map(|c| c.with_zero_sectors(zero_sectors)))
+            .transpose()
+            .map_err(MigrateError::from)
     };
-    let old = if plan.op == Op::Encrypt { None } else { cipher(&keys.old)? };
-    let new = if plan.op == Op::Decrypt { None } else { cipher(&keys.new)? };
+    // A sparse volume's never-written sectors are raw zeros that stand for plaintext zeros:
+    // reading the old data honours the old header's flag. New ciphertext is all real.
+    let old = if plan.op == Op::Encrypt {
+        None
+    } else {
+        cipher(&keys.old, decode_image(&plan.old_image).map(|h| h.zero_sectors).unwrap_or(false))?
+    };
+    let new = if plan.op == Op::Decrypt { None } else { cipher(&keys.new, false)? };
     let mut w = Worker { dev, journal, plan, digest, guard, old, new, seq: rec.seq };
     if rec.complete {
         return journal.wipe(dev);
