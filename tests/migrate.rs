@@ -86,6 +86,17 @@ impl Fixture {
         format!("local:{}", self.kek2.display())
     }
 
+    /// A target of FS + RESERVE bytes that `migrate` (with `extra` arguments) filled from the
+    /// plaintext image.
+    fn migrated(&self, name: &str, extra: &[&str]) -> PathBuf {
+        let target = self.path(name);
+        std::fs::File::create(&target).unwrap().set_len(FS + RESERVE).unwrap();
+        let key = self.key();
+        let base = ["migrate", "--from", self.image.to_str().unwrap(), "--to", target.to_str().unwrap(), "--key", &key];
+        check(nbdcrypt(&[&base[..], extra].concat()), "migrate");
+        target
+    }
+
     /// A copy of the plaintext image grown by `extra` zero bytes.
     fn plain_copy(&self, name: &str, extra: u64) -> PathBuf {
         let p = self.path(name);
@@ -260,16 +271,7 @@ fn zero_sectors_flag(image: &Path) -> bool {
 fn sparse_migration_keeps_holes_and_reads_back_through_reencrypt_and_decrypt() {
     let fx = Fixture::new();
     let plain = std::fs::read(&fx.image).unwrap();
-    let migrate = |name: &str, extra: &[&str]| -> PathBuf {
-        let target = fx.path(name);
-        std::fs::File::create(&target).unwrap().set_len(FS + RESERVE).unwrap();
-        let t = target.to_str().unwrap();
-        let key = fx.key();
-        let args =
-            [&["migrate", "--from", fx.image.to_str().unwrap(), "--to", t, "--key", &key, "--verify"], extra].concat();
-        check(nbdcrypt(&args), "migrate");
-        target
-    };
+    let migrate = |name: &str, extra: &[&str]| fx.migrated(name, &[&["--verify"], extra].concat());
     // The ext4 image is mostly zeros (free space, a 2 MiB file of zeros): the target keeps
     // them as holes, at most the header (2 MiB) and some slack more than the image itself.
     let sparse = migrate("sparse.img", &[]);
@@ -396,20 +398,7 @@ fn encrypt_in_place_survives_kill_9_anywhere() {
 #[test]
 fn reencrypt_survives_kill_9_anywhere() {
     let fx = Fixture::new();
-    let base = fx.path("enc-base.img");
-    std::fs::File::create(&base).unwrap().set_len(FS + RESERVE).unwrap();
-    check(
-        nbdcrypt(&[
-            "migrate",
-            "--from",
-            fx.image.to_str().unwrap(),
-            "--to",
-            base.to_str().unwrap(),
-            "--key",
-            &fx.key(),
-        ]),
-        "migrate",
-    );
+    let base = fx.migrated("enc-base.img", &[]);
     let fresh = |name: &str| {
         let p = fx.path(name);
         std::fs::copy(&base, &p).unwrap();
@@ -422,20 +411,7 @@ fn reencrypt_survives_kill_9_anywhere() {
 #[test]
 fn offline_operations_refuse_a_served_volume() {
     let fx = Fixture::new();
-    let target = fx.path("t.img");
-    std::fs::File::create(&target).unwrap().set_len(FS + RESERVE).unwrap();
-    check(
-        nbdcrypt(&[
-            "migrate",
-            "--from",
-            fx.image.to_str().unwrap(),
-            "--to",
-            target.to_str().unwrap(),
-            "--key",
-            &fx.key(),
-        ]),
-        "migrate",
-    );
+    let target = fx.migrated("t.img", &[]);
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let args = [
