@@ -155,11 +155,8 @@ pub fn run(
     };
     // A sparse volume's never-written sectors are raw zeros that stand for plaintext zeros:
     // reading the old data honours the old header's flag. New ciphertext is all real.
-    let old = if plan.op == Op::Encrypt {
-        None
-    } else {
-        cipher(&keys.old, decode_image(&plan.old_image).map(|h| h.zero_sectors).unwrap_or(false))?
-    };
+    let old =
+        if plan.op == Op::Encrypt { None } else { cipher(&keys.old, decode_image(&plan.old_image)?.zero_sectors)? };
     let new = if plan.op == Op::Decrypt { None } else { cipher(&keys.new, false)? };
     let mut w = Worker { dev, journal, plan, digest, guard, old, new, seq: rec.seq };
     if rec.complete {
