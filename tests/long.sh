@@ -6,8 +6,9 @@
 #     ENOSPC, short-write and short-read scenarios,
 #   - key hygiene, core dumps, zeroize-on-free,
 #   - a 10-minute soak.
-# One test at a time (about 45 minutes on 2 cores): two at a time, the Python peers (the crash
-# model grows by ~16 MiB per round) were OOM-killed at 12 and 16 GB on a 24 GiB machine.
+# One test at a time (about 45 minutes on 2 cores), so that the soak's RSS figures are not
+# disturbed by a neighbour. (The peers pass plain bytes/bytearrays to libnbd: python3-libnbd
+# 1.14 leaks every nbd.Buffer given to aio_pread/aio_pwrite, ~12 MiB per crash round.)
 # Run as root, after tests/run.sh installed the tools:
 #
 #   tests/long.sh                       figures in target/reliability/, table on stdout

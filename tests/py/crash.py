@@ -160,11 +160,11 @@ class Round:
         q.data = None
         if kind == "write":
             q.data = rng.randbytes(ln)
-            q.buf = nbd.Buffer.from_bytearray(bytearray(q.data))
+            q.buf = q.data
         elif kind == "zero":
             q.data = bytes(ln)
         elif kind == "read":
-            q.buf = nbd.Buffer(ln)
+            q.buf = bytearray(ln)
 
         def done(err, q=q):
             q.ack = self.tick()

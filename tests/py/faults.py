@@ -95,7 +95,7 @@ def issue(c):
         off, ln, wide = r
     fua = kind in ("write", "zero") and rng.random() < 0.1
     data = rng.randbytes(ln) if kind == "write" else bytes(ln)
-    buf = nbd.Buffer.from_bytearray(bytearray(data)) if kind == "write" else nbd.Buffer(ln)
+    buf = data if kind == "write" else bytearray(ln)
 
     def done(err, kind=kind, off=off, ln=ln, wide=wide, data=data, buf=buf):
         c.inflight -= 1
@@ -115,7 +115,7 @@ def issue(c):
                 c.shadow[off:off + ln] = data
                 c.known[off:off + ln] = b"\x01" * ln
         elif kind == "read" and not e:
-            got = buf.to_bytearray()
+            got = buf
             stats["reads_ok"] += 1
             for s, e in known_runs(c.known, off, off + ln):
                 stats["read_bytes_checked"] += e - s

@@ -55,7 +55,7 @@ while issued < total or inflight:
         kind = rng.choices(["read", "write", "zero", "flush"], [45, 40, 10, 5])[0]
         if kind == "write":
             data = rng.randbytes(ln)
-            buf = nbd.Buffer.from_bytearray(bytearray(data))
+            buf = data
             c = h.aio_pwrite(buf, off)
             shadow[off:off + ln] = data
         elif kind == "zero":
@@ -67,7 +67,7 @@ while issued < total or inflight:
             buf = None
             off, ln = 0, 0
         else:
-            buf = nbd.Buffer(ln)
+            buf = bytearray(ln)
             c = h.aio_pread(buf, off)
         inflight[c] = (kind, off, ln, buf)
         busy.append((off, off + ln))
@@ -77,7 +77,7 @@ while issued < total or inflight:
         if h.aio_command_completed(c):
             kind, off, ln, buf = inflight.pop(c)
             busy.remove((off, off + ln))
-            if kind == "read" and bytes(buf.to_bytearray()) != bytes(shadow[off:off + ln]):
+            if kind == "read" and bytes(buf) != bytes(shadow[off:off + ln]):
                 errors.append(f"read mismatch at {off}+{ln}")
 
 h.flush()

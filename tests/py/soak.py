@@ -127,7 +127,7 @@ class Client:
         qid = self.next_id
         self.next_id += 1
         data = rng.randbytes(ln) if kind == "write" else bytes(ln)
-        buf = nbd.Buffer.from_bytearray(bytearray(data)) if kind == "write" else nbd.Buffer(ln)
+        buf = data if kind == "write" else bytearray(ln)
         fua = nbd.CMD_FLAG_FUA if kind in ("write", "zero") and rng.random() < 0.1 else 0
 
         issued_at = time.monotonic()
@@ -151,7 +151,7 @@ class Client:
                 self.known[off:off + ln] = b"\x01" * ln
                 st["bytes_written"] += ln
             elif kind == "read":
-                got = buf.to_bytearray()
+                got = buf
                 st["bytes_read"] += ln
                 for s, e in known_runs(self.known, off, off + ln):
                     st["read_bytes_checked"] += e - s
