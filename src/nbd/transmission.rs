@@ -75,7 +75,13 @@ impl Default for Limits {
 }
 
 /// Requests up to this many bytes are served inline when they can be (see the module doc).
-pub const INLINE_MAX: usize = 4 << 20;
+/// Larger ones go to the blocking pool even when cached: their pread and decryption (or
+/// encryption and pwrite) take 100 µs and more per MiB, long enough that running them on
+/// another core while the connection task moves the previous reply or the next payload through
+/// the socket beats the ~10 µs thread hop. Measured with fio 1 MiB at QD8: 1.15–1.3× the
+/// sequential read and write throughput of serving them inline, no change at 4 KiB or with
+/// nbdcopy's 256 KiB requests.
+pub const INLINE_MAX: usize = 256 << 10;
 
 /// Once this many reply bytes are queued, the connection writes them before serving more
 /// requests: large replies leave one by one, so the client consumes one while the next is
@@ -1072,14 +1078,16 @@ mod tests {
 
     #[tokio::test]
     async fn write_then_read_returns_the_data_inline_and_via_the_pool() {
-        for cached in [true, false] {
-            let mut s = start(export(cached, SectorSize::S4096), false, Limits::default(), 1 << 20);
-            let data = pattern(8192, 3);
-            send(&mut s.client, req(Command::Write, 1, 4096, 8192), &data).await;
+        // Small cached requests are served inline; larger ones, and all of an uncached
+        // export's, on the blocking pool.
+        for (cached, len) in [(true, 8192), (true, INLINE_MAX + 4096), (false, 8192)] {
+            let mut s = start(export(cached, SectorSize::S4096), false, Limits::default(), 4 << 20);
+            let data = pattern(len, 3);
+            send(&mut s.client, req(Command::Write, 1, 4096, len as u32), &data).await;
             assert_eq!(simple(&mut s.client).await, (0, 1));
-            send(&mut s.client, req(Command::Read, 2, 4096, 8192), &[]).await;
+            send(&mut s.client, req(Command::Read, 2, 4096, len as u32), &[]).await;
             assert_eq!(simple(&mut s.client).await, (0, 2));
-            assert_eq!(read_data(&mut s.client, 8192).await, data, "cached {cached}");
+            assert_eq!(read_data(&mut s.client, len).await, data, "cached {cached}, {len} bytes");
             finish(s).await.unwrap();
         }
     }
