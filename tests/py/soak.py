@@ -108,7 +108,8 @@ class Client:
     def free_range(self):
         for _ in range(20):
             if rng.random() < 0.5:
-                ln = rng.choice([512, 4096, 16384, 65536, 262144])
+                # 1 MiB: over the server's inline limit, so served on its blocking pool.
+                ln = min(self.length, rng.choice([512, 4096, 16384, 65536, 262144, 1 << 20]))
                 off = rng.randrange(0, self.length - ln + 1, 512)
             else:
                 ln = rng.randint(1, 20000)
