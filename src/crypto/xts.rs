@@ -128,6 +128,7 @@ impl SectorCipher {
                 continue;
             }
             let start = i;
+            i += 1;
             while i < n && !is_zero(&buf[i * ss..(i + 1) * ss]) {
                 i += 1;
             }

@@ -220,40 +220,46 @@ fn copy_chunk(
     let padded = h.sector_size.align_up(n).ok_or_else(|| MigrateError::Invalid("size overflow".into()))?;
     buf.resize(padded as usize, 0);
     if !h.zero_sectors {
-        cipher.encrypt(h.sector_size.sector_of(off), buf)?;
-        return dev.write_at(buf, h.data_offset + off).map_err(MigrateError::io("writing the target"));
+        return write_encrypted(dev, cipher, h, off, buf, 0);
     }
     // A sparse target: runs of at least SPARSE_RUN zero bytes become zeros on the target (a
     // hole where it can), which the header's `zero_sectors` reads back as zeros; the rest is
     // encrypted, shorter zero runs included (not worth a system call each).
     let ss = h.sector_size.bytes_usize();
-    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-    for s in (0..buf.len()).step_by(ss) {
-        let zero = is_zero(&buf[s..s + ss]);
-        match runs.last_mut() {
-            Some(r) if r.2 == zero => r.1 = s + ss,
-            _ => runs.push((s, s + ss, zero)),
+    // `data` is where the bytes not yet written or zeroed begin.
+    let (mut data, mut at) = (0, 0);
+    while at < buf.len() {
+        if !is_zero(&buf[at..at + ss]) {
+            at += ss;
+            continue;
+        }
+        let zeros = at;
+        while at < buf.len() && is_zero(&buf[at..at + ss]) {
+            at += ss;
+        }
+        if at - zeros >= SPARSE_RUN {
+            write_encrypted(dev, cipher, h, off, &mut buf[..zeros], data)?;
+            let target = h.data_offset + off + zeros as u64;
+            dev.zero_range(target, (at - zeros) as u64).map_err(MigrateError::io("zeroing the target"))?;
+            data = at;
         }
     }
-    let mut merged: Vec<(usize, usize, bool)> = Vec::with_capacity(runs.len());
-    for (a, b, zero) in runs {
-        let zero = zero && b - a >= SPARSE_RUN;
-        match merged.last_mut() {
-            Some(r) if r.2 == zero => r.1 = b,
-            _ => merged.push((a, b, zero)),
-        }
-    }
-    for (a, b, zero) in merged {
-        let at = h.data_offset + off + a as u64;
-        if zero {
-            dev.zero_range(at, (b - a) as u64).map_err(MigrateError::io("zeroing the target"))?;
-        } else {
-            let data = &mut buf[a..b];
-            cipher.encrypt(h.sector_size.sector_of(off + a as u64), data)?;
-            dev.write_at(data, at).map_err(MigrateError::io("writing the target"))?;
-        }
-    }
-    Ok(())
+    write_encrypted(dev, cipher, h, off, buf, data)
+}
+
+/// Encrypts `buf[from..]` (the chunk at data offset `off`) and writes it, if not empty.
+fn write_encrypted(
+    dev: &dyn Backend,
+    cipher: &SectorCipher,
+    h: &Header,
+    off: u64,
+    buf: &mut [u8],
+    from: usize,
+) -> Result<(), MigrateError> {
+    let Some(data) = buf.get_mut(from..).filter(|d| !d.is_empty()) else { return Ok(()) };
+    cipher.encrypt(h.sector_size.sector_of(off + from as u64), data)?;
+    let target = h.data_offset + off + from as u64;
+    dev.write_at(data, target).map_err(MigrateError::io("writing the target"))
 }
 
 /// The shortest run of zeros a sparse migration leaves unwritten (a hole) rather than
@@ -323,11 +329,17 @@ mod tests {
     }
 
     fn target(src: &mut MemSource) -> (MemBackend, VolumeKey) {
+        target_with(src, false)
+    }
+
+    fn target_with(src: &mut MemSource, zero_sectors: bool) -> (MemBackend, VolumeKey) {
         let k = key(4);
         let size = src.size();
         let dev = MemBackend::new((DEFAULT_DATA_OFFSET + size + 8192) as usize);
         let mut h = Header::new(uuid::Uuid::from_bytes([5; 16]), SectorSize::S512, DEFAULT_DATA_OFFSET, size, None, &k)
             .unwrap();
+        h.zero_sectors = zero_sectors;
+        h.reseal(&k);
         let fp = super::super::source::fingerprint(src).unwrap();
         h.checkpoint = Some(checkpoint(&k, &h, 0, size, &fp));
         store::write_new(&dev, &mut h).unwrap();
@@ -372,5 +384,28 @@ mod tests {
         assert!(resume_offset(&k, &h, 1 << 20, &fp).is_ok());
         assert!(matches!(resume_offset(&k, &h, 1 << 20, &[0; 32]), Err(MigrateError::Refused(_))));
         assert!(matches!(resume_offset(&key(9), &h, 1 << 20, &fp), Err(MigrateError::Refused(_))));
+    }
+
+    #[test]
+    fn a_sparse_copy_leaves_long_zero_runs_raw_and_encrypts_the_rest() {
+        // data 4K | zeros 8K (short: encrypted) | data 4K | zeros 192K (long: left zero) | data 1K
+        let runs: [(usize, bool); 5] = [(4096, true), (8192, false), (4096, true), (192 << 10, false), (1024, true)];
+        let mut data = Vec::new();
+        for (len, filled) in runs {
+            data.extend((0..len).map(|i| if filled { (i % 251) as u8 + 1 } else { 0 }));
+        }
+        let mut src = MemSource { data, fail_at: u64::MAX };
+        let (dev, k) = target_with(&mut src, true);
+        let n = src.size();
+        copy(&mut src, &dev, &k, 0, 1 << 20, &mut Progress::new("t", n)).unwrap();
+        let raw = data_area(&dev);
+        let all_zero = |a: usize, b: usize| raw[a..b].iter().all(|&x| x == 0);
+        assert!(!all_zero(4096, 4096 + 512), "a short zero run is encrypted");
+        let long = 16 << 10;
+        assert!(all_zero(long, long + (192 << 10)), "a long zero run stays raw zeros");
+        assert!(!all_zero(long + (192 << 10), long + (192 << 10) + 512), "data after it is encrypted");
+        let h = store::load(&dev).unwrap().header;
+        assert!(h.zero_sectors && h.checkpoint.is_none());
+        verify(&mut src, &dev, &h, &k).unwrap();
     }
 }
