@@ -344,6 +344,15 @@ impl Export {
     fn read_raw(&self, wide: ByteRange, buf: &mut [u8], nowait: bool) -> Result<bool, ExportError> {
         let first = self.sector_size().sector_of(wide.offset);
         if !nowait {
+            // Straight from the page cache when the volume is mapped: one pass over the data.
+            let mut decrypted = None;
+            let mapped = self.backend.read_mapped(self.raw(wide.offset), buf.len(), &mut |src| {
+                decrypted = Some(self.cipher.decrypt_mapped(first, src, buf));
+            });
+            if let (Some(()), Some(r)) = (mapped, decrypted) {
+                r?;
+                return Ok(true);
+            }
             self.backend.read_at(buf, self.raw(wide.offset))?;
             self.cipher.decrypt(first, buf)?;
             return Ok(true);
@@ -751,6 +760,37 @@ mod tests {
         let mut out = vec![0u8; 8192];
         e.read(4096, &mut out).unwrap();
         assert_eq!(out, pattern(8192, 1));
+    }
+
+    #[test]
+    fn file_volume_reads_through_its_mapping_and_survives_losing_it() {
+        use crate::backend::FileBackend;
+        let ss = SectorSize::S4096;
+        let size = 64 * 4096u64;
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(DATA_OFFSET + size).unwrap();
+        let file = Arc::new(FileBackend::open(f.path(), true).unwrap());
+        let cipher = SectorCipher::new(&VolumeKey::generate().unwrap(), ss).unwrap();
+        let opts =
+            ExportOptions { name: "t".into(), description: String::new(), read_only: false, allow_discards: true };
+        let geo = Geometry { sector_size: ss, data_offset: DATA_OFFSET, data_size: size };
+        let e = Export::new(opts, geo, file.clone(), cipher);
+        let data = pattern(size as usize, 3);
+        e.write(0, &mut data.clone(), false).unwrap();
+        // `read` takes the blocking path: decrypted from the mapping.
+        assert!(file.read_mapped(DATA_OFFSET, 4096, &mut |_| {}).is_some());
+        let mut out = vec![0u8; size as usize];
+        e.read(0, &mut out).unwrap();
+        assert_eq!(out, data);
+        // The volume shrinks under the server: the mapping faults, the read falls back to
+        // pread and fails with an I/O error; the process lives on and earlier data still reads.
+        f.as_file().set_len(DATA_OFFSET + size / 2).unwrap();
+        let mut tail = vec![0u8; 4096];
+        assert!(e.read(size - 4096, &mut tail).unwrap_err().is_io());
+        assert!(file.read_mapped(DATA_OFFSET, 4096, &mut |_| {}).is_none(), "poisoned");
+        let mut head = vec![0u8; 4096];
+        e.read(0, &mut head).unwrap();
+        assert_eq!(head, data[..4096]);
     }
 
     #[test]

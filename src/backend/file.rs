@@ -11,12 +11,16 @@
 //! should not be cached twice (the guest caches it already): every aligned I/O goes there,
 //! anything unaligned (the header, at open) through the buffered descriptor. The regions never
 //! overlap, so the two views stay coherent.
+//!
+//! In buffered mode the volume is also mapped read-only ([`ReadMapping`]): reads that go to
+//! the blocking pool decrypt straight from the page cache through it ([`Backend::read_mapped`]).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use super::mapping::{Mapped, ReadMapping};
 use super::Backend;
 
 /// Buffered writes go to the page cache in pieces of at most this size. Since Linux 6.16 ext4
@@ -38,6 +42,8 @@ pub struct FileBackend {
     path: PathBuf,
     size: u64,
     is_block_device: bool,
+    /// Buffered mode: the whole volume, mapped read-only (`None` if it could not be).
+    map: Option<ReadMapping>,
 }
 
 impl FileBackend {
@@ -73,7 +79,8 @@ impl FileBackend {
         } else {
             (None, 1)
         };
-        Ok(FileBackend { file, direct, align, path: path.to_owned(), size, is_block_device })
+        let map = if direct.is_none() { ReadMapping::new(&file, size) } else { None };
+        Ok(FileBackend { file, direct, align, path: path.to_owned(), size, is_block_device, map })
     }
 
     pub fn path(&self) -> &Path {
@@ -162,6 +169,10 @@ impl Backend for FileBackend {
 
     fn cached_writes(&self) -> bool {
         self.direct.is_none()
+    }
+
+    fn read_mapped(&self, offset: u64, len: usize, f: &mut dyn FnMut(Mapped<'_>)) -> Option<()> {
+        self.map.as_ref()?.read(offset, len, f)
     }
 
     fn alignment(&self) -> u64 {

@@ -9,10 +9,12 @@ use std::io;
 
 pub mod fault;
 pub mod file;
+pub mod mapping;
 pub mod mem;
 
 pub use fault::FaultBackend;
 pub use file::FileBackend;
+pub use mapping::Mapped;
 pub use mem::MemBackend;
 
 /// Positional I/O on the raw volume. Calls may run concurrently from several threads on
@@ -39,6 +41,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
     /// caller may then write small requests on its own thread instead of a blocking pool.
     fn cached_writes(&self) -> bool {
         false
+    }
+
+    /// Runs `f` on the raw bytes `[offset, offset + len)` straight out of a mapping of the
+    /// volume (see [`mapping`]), so a reader can decrypt them without copying them first.
+    /// `None` if the backend has no mapping, the range is outside it, or the mapping faulted
+    /// (an I/O error): whatever `f` produced is then garbage, and [`Backend::read_at`] reports
+    /// the error. May block on a page fault, like `read_at`.
+    fn read_mapped(&self, _offset: u64, _len: usize, _f: &mut dyn FnMut(Mapped<'_>)) -> Option<()> {
+        None
     }
 
     /// What `O_DIRECT` needs: offsets, lengths and buffer addresses that are multiples of

@@ -22,6 +22,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 
 use super::xts::{CipherError, SectorCipher};
+use crate::backend::Mapped;
 use crate::units::SectorIndex;
 
 /// Failures of a gated cipher call.
@@ -71,6 +72,11 @@ impl CipherGate {
     /// Decrypts whole sectors in place, waiting while the gate is suspended.
     pub fn decrypt(&self, first: SectorIndex, buf: &mut [u8]) -> Result<(), GateError> {
         self.with(|c| c.decrypt(first, buf))
+    }
+
+    /// [`SectorCipher::decrypt_mapped`], waiting while the gate is suspended.
+    pub fn decrypt_mapped(&self, first: SectorIndex, src: Mapped<'_>, dst: &mut [u8]) -> Result<(), GateError> {
+        self.with(|c| c.decrypt_mapped(first, src, dst))
     }
 
     /// [`CipherGate::encrypt`] for a caller that must not block (an async task): `None`,

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use aws_lc_sys as ffi;
 
+use crate::backend::Mapped;
 use crate::crypto::secret::VolumeKey;
 use crate::units::{SectorIndex, SectorSize};
 
@@ -56,6 +57,9 @@ pub enum CipherError {
     /// The first sector index plus the number of sectors does not fit in 64 bits.
     #[error("the sector range overflows the 64-bit sector index")]
     SectorOverflow,
+    /// Source and destination of an out-of-place call differ in length.
+    #[error("source of {src} bytes and destination of {dst} bytes differ in length")]
+    LengthMismatch { src: usize, dst: usize },
     /// An AWS-LC call failed; the payload names the call.
     #[error("AWS-LC call {0} failed")]
     Backend(&'static str),
@@ -138,6 +142,58 @@ impl SectorCipher {
         Ok(())
     }
 
+    /// Decrypts whole sectors from `src`, bytes of a mapping of the volume, into `dst` (of the
+    /// same length): one pass over the ciphertext, where `pread` and [`SectorCipher::decrypt`]
+    /// make two. All-zero ciphertext sectors are found on `src`, as `decrypt` finds them.
+    pub fn decrypt_mapped(&self, first: SectorIndex, src: Mapped<'_>, dst: &mut [u8]) -> Result<(), CipherError> {
+        if src.len() != dst.len() {
+            return Err(CipherError::LengthMismatch { src: src.len(), dst: dst.len() });
+        }
+        let ss = self.sector_size.bytes_usize();
+        if dst.len() % ss != 0 {
+            return Err(CipherError::UnalignedBuffer { len: dst.len(), sector_size: self.sector_size.bytes() });
+        }
+        if !self.zero_sectors {
+            return self.run_mapped(first, src, dst);
+        }
+        let n = dst.len() / ss;
+        let zero = |i: usize| src.sub(i * ss, ss).is_some_and(mapped_is_zero);
+        let mut i = 0;
+        while i < n {
+            if zero(i) {
+                dst[i * ss..(i + 1) * ss].fill(0);
+                i += 1;
+                continue;
+            }
+            let start = i;
+            i += 1;
+            while i < n && !zero(i) {
+                i += 1;
+            }
+            let at = first.checked_add(start as u64).ok_or(CipherError::SectorOverflow)?;
+            let part = src.sub(start * ss, (i - start) * ss).ok_or(CipherError::SectorOverflow)?;
+            self.run_mapped(at, part, &mut dst[start * ss..i * ss])?;
+        }
+        Ok(())
+    }
+
+    fn run_mapped(&self, first: SectorIndex, src: Mapped<'_>, dst: &mut [u8]) -> Result<(), CipherError> {
+        let ss = self.sector_size.bytes_usize();
+        let count = u64::try_from(dst.len() / ss).map_err(|_| CipherError::SectorOverflow)?;
+        first.checked_add(count).ok_or(CipherError::SectorOverflow)?;
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let home = home();
+        let mut ctx = self.dec.take(home)?;
+        // `src` and `dst` have the same length (checked by the caller), a multiple of `ss`.
+        let result = ctx.crypt_raw(self.dec.dir, first, ss, src.as_ptr(), dst.as_mut_ptr(), dst.len());
+        if result.is_ok() {
+            self.dec.give(home, ctx);
+        }
+        result
+    }
+
     fn run(&self, pool: &ContextPool, first: SectorIndex, buf: &mut [u8]) -> Result<(), CipherError> {
         let ss = self.sector_size.bytes_usize();
         if buf.len() % ss != 0 {
@@ -178,6 +234,19 @@ impl fmt::Debug for SectorCipher {
 pub fn is_zero(s: &[u8]) -> bool {
     let mut words = s.chunks_exact(8);
     words.all(|w| w.iter().fold(0u8, |a, &b| a | b) == 0) && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// [`is_zero`] for mapped bytes, read with volatile loads (the memory is the page cache, not
+/// ours: see [`crate::backend::mapping`]).
+fn mapped_is_zero(m: Mapped<'_>) -> bool {
+    let p = m.as_ptr();
+    let words = m.len() / 8;
+    // SAFETY: every read is inside the `m.len()` readable bytes of `m`; unaligned reads are
+    // used since nothing promises alignment.
+    unsafe {
+        (0..words).all(|w| ptr::read_volatile(p.add(w * 8).cast::<[u8; 8]>()) == [0; 8])
+            && (words * 8..m.len()).all(|b| ptr::read_volatile(p.add(b)) == 0)
+    }
 }
 
 /// AWS-LC XTS contexts alive in the whole process, over every cipher (templates, idle and in
@@ -286,11 +355,27 @@ impl Ctx {
         ss: usize,
         buf: &mut [u8],
     ) -> Result<(), CipherError> {
+        let p = buf.as_mut_ptr();
+        self.crypt_raw(dir, first, ss, p, p, buf.len())
+    }
+
+    /// Encrypts or decrypts `total` bytes (whole sectors of `ss` bytes) from `src` to `dst`,
+    /// which are either the same buffer (in place) or do not overlap. `dst` must be writable
+    /// and `src` readable for `total` bytes.
+    fn crypt_raw(
+        &mut self,
+        dir: Direction,
+        first: SectorIndex,
+        ss: usize,
+        src: *const u8,
+        dst: *mut u8,
+        total: usize,
+    ) -> Result<(), CipherError> {
         let len = c_int::try_from(ss).map_err(|_| CipherError::Backend("sector size exceeds c_int"))?;
         let (init, init_name) = dir.init();
         let (update, update_name) = dir.update();
         let ctx = self.ptr.as_ptr();
-        for (i, sector) in buf.chunks_exact_mut(ss).enumerate() {
+        for i in 0..total / ss {
             let index = u64::try_from(i).ok().and_then(|i| first.checked_add(i)).ok_or(CipherError::SectorOverflow)?;
             let tweak = index.tweak();
             // SAFETY: `ctx` is a live context keyed for `dir` (a copy of the template), owned
@@ -300,12 +385,14 @@ impl Ctx {
             if ok != 1 {
                 return Err(backend_error(init_name));
             }
-            let p = sector.as_mut_ptr();
+            // SAFETY: i * ss + ss <= total, so both offsets stay inside the caller's ranges.
+            let (s, d) = unsafe { (src.add(i * ss), dst.add(i * ss)) };
             let mut out_len: c_int = 0;
-            // SAFETY: `p` points to `len` bytes, readable and writable, exclusively borrowed;
-            // in == out (exact overlap) is allowed for XTS; `out_len` is a valid c_int. With a
-            // block size of 1 the EVP layer buffers nothing, so it writes exactly `len` bytes.
-            if unsafe { update(ctx, p, &mut out_len, p, len) } != 1 {
+            // SAFETY: `d` points to `len` writable bytes and `s` to `len` readable ones (the
+            // caller's contract); in == out (exact overlap) is allowed for XTS, and the two
+            // never partly overlap; `out_len` is a valid c_int. With a block size of 1 the EVP
+            // layer buffers nothing, so it writes exactly `len` bytes.
+            if unsafe { update(ctx, d, &mut out_len, s, len) } != 1 {
                 return Err(backend_error(update_name));
             }
             if out_len != len {
@@ -705,6 +792,33 @@ mod tests {
             SectorCipher::new(&key, size).unwrap().decrypt(SectorIndex(7), &mut noise).unwrap();
             assert_ne!(&noise[ss..2 * ss], &want[ss..2 * ss]);
             assert_eq!(&noise[..ss], &plain[..ss]);
+        }
+    }
+
+    #[test]
+    fn decrypt_mapped_equals_decrypt_in_place_with_and_without_zero_sectors() {
+        for size in [SectorSize::S512, SectorSize::S4096] {
+            let ss = size.bytes_usize();
+            let key = VolumeKey::generate().unwrap();
+            let mut raw = random_bytes(8 * ss);
+            SectorCipher::new(&key, size).unwrap().encrypt(SectorIndex(3), &mut raw).unwrap();
+            for i in [0, 4, 5] {
+                raw[i * ss..(i + 1) * ss].fill(0);
+            }
+            for zero in [false, true] {
+                let cipher = SectorCipher::new(&key, size).unwrap().with_zero_sectors(zero);
+                let mut want = raw.clone();
+                cipher.decrypt(SectorIndex(3), &mut want).unwrap();
+                let mut got = vec![0xa5; raw.len()];
+                cipher.decrypt_mapped(SectorIndex(3), Mapped::of_slice(&raw), &mut got).unwrap();
+                assert_eq!(got, want, "sector size {size}, zero sectors {zero}");
+            }
+            let cipher = SectorCipher::new(&key, size).unwrap();
+            let mut short = vec![0; ss];
+            assert!(matches!(
+                cipher.decrypt_mapped(SectorIndex(0), Mapped::of_slice(&raw), &mut short),
+                Err(CipherError::LengthMismatch { .. })
+            ));
         }
     }
 
