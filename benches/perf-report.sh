@@ -185,7 +185,7 @@ report() {
     fi
     if [[ $RSS == 1 ]]; then
         echo
-        echo "Memory (\`benches/rss.sh\`: fio, 4 connections at QD128 each, 4096-byte sectors; VmHWM = peak RSS):"
+        echo "Memory (\`benches/rss.sh\`: fio, 4 connections at QD128 each, 4096-byte sectors; VmHWM = peak RSS, which includes RssFile, the volume pages mapped by reads; peak RssAnon, sampled every 0.1 s, is the daemon's own memory):"
         echo
         echo '```text'
         cat "$OUT_DIR/rss.txt"

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# benches/rss.sh - nbdcrypt's peak resident memory (VmHWM) under QD128 over 4 connections.
+# benches/rss.sh - nbdcrypt's peak resident memory under QD128 over 4 connections.
 #
 # Serves a fresh 1 GiB volume on a Unix socket, then runs fio (nbd engine, numjobs=4 = four
-# NBD connections, iodepth=128 each) for each job, and prints VmHWM/VmRSS after each job.
+# NBD connections, iodepth=128 each) for each job, and prints, after each job: VmHWM (peak RSS)
+# and VmRSS as the kernel counts them, and the peak of RssAnon sampled every 0.1 s during the
+# job. RSS includes RssFile: the pages of the volume's read mapping (backend/mapping.rs) that
+# reads touched, which are the page cache, shared and reclaimable, up to the volume's size.
+# RssAnon is the memory the daemon itself allocates (buffers, pools, runtime): the bound.
 #
 # Env: SECTOR=4096 RUNTIME=5 JOBS="randread4k randwrite4k seqread1m seqwrite1m" EXTRA_SERVE_ARGS=
 set -Eeuo pipefail
@@ -24,7 +28,8 @@ truncate -s $(((1 << 30) + (2 << 20))) "$WORK/v.img"
 PID=$!
 URI="nbd+unix:///?socket=$WORK/s.sock"
 for _ in $(seq 100); do nbdinfo --size "$URI" >/dev/null 2>&1 && break; sleep 0.1; done
-mem() { awk '/^VmHWM|^VmRSS/{printf "%s %d MiB  ", $1, $2/1024}' "/proc/$PID/status"; }
+mem() { awk '/^VmHWM|^VmRSS|^RssFile/{printf "%s %d MiB  ", $1, $2/1024}' "/proc/$PID/status"; }
+anon() { awk '/^RssAnon/{print $2}' "/proc/$PID/status"; }
 echo "idle after start: $(mem)"
 for j in $JOBS; do
     case $j in
@@ -32,8 +37,15 @@ for j in $JOBS; do
     seqread1m) rw=read bs=1M ;; seqwrite1m) rw=write bs=1M ;;
     *) echo "unknown job $j" >&2; exit 1 ;;
     esac
-    out=$(fio --name="$j" --ioengine=nbd --uri="$URI" --rw=$rw --bs=$bs --iodepth=128 --numjobs=4 \
-        --group_reporting --time_based --runtime="$RUNTIME" --output-format=json 2>/dev/null |
-        sed -n '/^{/,$p' | jq -r '.jobs[0] | "\((.read.bw_bytes + .write.bw_bytes) / 1048576 | floor) MiB/s"')
-    printf '%-12s QD128 x 4 connections: %-12s %s\n' "$j" "$out" "$(mem)"
+    fio --name="$j" --ioengine=nbd --uri="$URI" --rw=$rw --bs=$bs --iodepth=128 --numjobs=4 \
+        --group_reporting --time_based --runtime="$RUNTIME" --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1 &
+    fio_pid=$!
+    peak=0
+    while kill -0 "$fio_pid" 2>/dev/null; do
+        a=$(anon); ((a > peak)) && peak=$a
+        sleep 0.1
+    done
+    wait "$fio_pid"
+    out=$(sed -n '/^{/,$p' "$WORK/fio.json" | jq -r '.jobs[0] | "\((.read.bw_bytes + .write.bw_bytes) / 1048576 | floor) MiB/s"')
+    printf '%-12s QD128 x 4 connections: %-12s %s peak RssAnon %d MiB\n' "$j" "$out" "$(mem)" $((peak / 1024))
 done

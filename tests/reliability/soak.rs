@@ -1,7 +1,8 @@
 //! Soak (issue 8, item 4): mixed I/O from four clients that disconnect (cleanly or not) and
 //! reconnect every few seconds, against the real daemon, for 60 s (`tests/run.sh`) or 600 s
 //! (`NBDCRYPT_LONG=1`). `tests/py/soak.py` samples the daemon's /proc every second and fails
-//! on RSS growth beyond 24 MiB after the warm-up, on file descriptors or threads not back to
+//! on anonymous RSS growth beyond 24 MiB after the warm-up (VmRSS also counts the touched
+//! pages of the volume mapping, page cache), on file descriptors or threads not back to
 //! their baseline once every client has left, on any request error, and on any byte that
 //! does not read back as last written.
 //!
