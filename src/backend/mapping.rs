@@ -62,7 +62,7 @@ pub struct Mapped<'a> {
     _life: PhantomData<&'a ()>,
 }
 
-impl Mapped<'_> {
+impl<'a> Mapped<'a> {
     pub fn as_ptr(&self) -> *const u8 {
         self.ptr
     }
@@ -76,7 +76,7 @@ impl Mapped<'_> {
     }
 
     /// The bytes `[offset, offset + len)` of this range (`None` if outside it).
-    pub fn sub(&self, offset: usize, len: usize) -> Option<Mapped<'_>> {
+    pub fn sub(self, offset: usize, len: usize) -> Option<Mapped<'a>> {
         let end = offset.checked_add(len)?;
         // SAFETY: offset <= end <= self.len, so the result stays inside the same mapping.
         (end <= self.len).then(|| Mapped { ptr: unsafe { self.ptr.add(offset) }, len, _life: PhantomData })

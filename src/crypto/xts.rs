@@ -110,91 +110,70 @@ impl SectorCipher {
     /// A refused request (unaligned, overflowing) leaves `buf` untouched; after a
     /// [`CipherError::Backend`] failure its contents are unspecified.
     pub fn encrypt(&self, first: SectorIndex, buf: &mut [u8]) -> Result<(), CipherError> {
-        self.run(&self.enc, first, buf)
+        self.run(&self.enc, first, None, buf)
     }
 
     /// Decrypts whole sectors in place; `buf.len()` must be a multiple of the sector size;
     /// sector i of buf uses tweak `first + i`. Errors as for [`SectorCipher::encrypt`].
     pub fn decrypt(&self, first: SectorIndex, buf: &mut [u8]) -> Result<(), CipherError> {
-        if !self.zero_sectors {
-            return self.run(&self.dec, first, buf);
-        }
-        let ss = self.sector_size.bytes_usize();
-        if buf.len() % ss != 0 {
-            return Err(CipherError::UnalignedBuffer { len: buf.len(), sector_size: self.sector_size.bytes() });
-        }
-        // Decrypt each run of non-zero sectors in one call, so the wide AES path stays fed.
-        let n = buf.len() / ss;
-        let mut i = 0;
-        while i < n {
-            if is_zero(&buf[i * ss..(i + 1) * ss]) {
-                i += 1;
-                continue;
-            }
-            let start = i;
-            i += 1;
-            while i < n && !is_zero(&buf[i * ss..(i + 1) * ss]) {
-                i += 1;
-            }
-            let at = first.checked_add(start as u64).ok_or(CipherError::SectorOverflow)?;
-            self.run(&self.dec, at, &mut buf[start * ss..i * ss])?;
-        }
-        Ok(())
+        self.decrypt_from(first, None, buf)
     }
 
     /// Decrypts whole sectors from `src`, bytes of a mapping of the volume, into `dst` (of the
     /// same length): one pass over the ciphertext, where `pread` and [`SectorCipher::decrypt`]
-    /// make two. All-zero ciphertext sectors are found on `src`, as `decrypt` finds them.
+    /// make two. Otherwise as `decrypt`.
     pub fn decrypt_mapped(&self, first: SectorIndex, src: Mapped<'_>, dst: &mut [u8]) -> Result<(), CipherError> {
-        if src.len() != dst.len() {
-            return Err(CipherError::LengthMismatch { src: src.len(), dst: dst.len() });
+        self.decrypt_from(first, Some(src), dst)
+    }
+
+    /// Decrypts `src` (or `dst` itself, in place) into `dst`. With zero sectors on, an all-zero
+    /// ciphertext sector reads as zeros, and each run of other sectors is decrypted in one
+    /// call, so the wide AES path stays fed.
+    fn decrypt_from(&self, first: SectorIndex, src: Option<Mapped<'_>>, dst: &mut [u8]) -> Result<(), CipherError> {
+        if let Some(m) = src.filter(|m| m.len() != dst.len()) {
+            return Err(CipherError::LengthMismatch { src: m.len(), dst: dst.len() });
+        }
+        if !self.zero_sectors {
+            return self.run(&self.dec, first, src, dst);
         }
         let ss = self.sector_size.bytes_usize();
         if dst.len() % ss != 0 {
             return Err(CipherError::UnalignedBuffer { len: dst.len(), sector_size: self.sector_size.bytes() });
         }
-        if !self.zero_sectors {
-            return self.run_mapped(first, src, dst);
-        }
         let n = dst.len() / ss;
-        let zero = |i: usize| src.sub(i * ss, ss).is_some_and(mapped_is_zero);
         let mut i = 0;
         while i < n {
-            if zero(i) {
-                dst[i * ss..(i + 1) * ss].fill(0);
-                i += 1;
-                continue;
+            let zero = |k: usize| match src {
+                Some(m) => m.sub(k * ss, ss).is_some_and(mapped_is_zero),
+                None => is_zero(&dst[k * ss..(k + 1) * ss]),
+            };
+            let run_is_zero = zero(i);
+            let mut end = i + 1;
+            while end < n && zero(end) == run_is_zero {
+                end += 1;
             }
-            let start = i;
-            i += 1;
-            while i < n && !zero(i) {
-                i += 1;
+            let part = &mut dst[i * ss..end * ss];
+            if !run_is_zero {
+                let at = first.checked_add(i as u64).ok_or(CipherError::SectorOverflow)?;
+                let from = src.map(|m| m.sub(i * ss, part.len()).ok_or(CipherError::SectorOverflow)).transpose()?;
+                self.run(&self.dec, at, from, part)?;
+            } else if src.is_some() {
+                part.fill(0);
             }
-            let at = first.checked_add(start as u64).ok_or(CipherError::SectorOverflow)?;
-            let part = src.sub(start * ss, (i - start) * ss).ok_or(CipherError::SectorOverflow)?;
-            self.run_mapped(at, part, &mut dst[start * ss..i * ss])?;
+            i = end;
         }
         Ok(())
     }
 
-    fn run_mapped(&self, first: SectorIndex, src: Mapped<'_>, dst: &mut [u8]) -> Result<(), CipherError> {
-        let ss = self.sector_size.bytes_usize();
-        let count = u64::try_from(dst.len() / ss).map_err(|_| CipherError::SectorOverflow)?;
-        first.checked_add(count).ok_or(CipherError::SectorOverflow)?;
-        if dst.is_empty() {
-            return Ok(());
-        }
-        let home = home();
-        let mut ctx = self.dec.take(home)?;
-        // `src` and `dst` have the same length (checked by the caller), a multiple of `ss`.
-        let result = ctx.crypt_raw(self.dec.dir, first, ss, src.as_ptr(), dst.as_mut_ptr(), dst.len());
-        if result.is_ok() {
-            self.dec.give(home, ctx);
-        }
-        result
-    }
-
-    fn run(&self, pool: &ContextPool, first: SectorIndex, buf: &mut [u8]) -> Result<(), CipherError> {
+    /// Runs the cipher over whole sectors from `src` (`buf.len()` bytes; `None`: in place)
+    /// into `buf`.
+    fn run(
+        &self,
+        pool: &ContextPool,
+        first: SectorIndex,
+        src: Option<Mapped<'_>>,
+        buf: &mut [u8],
+    ) -> Result<(), CipherError> {
         let ss = self.sector_size.bytes_usize();
         if buf.len() % ss != 0 {
             return Err(CipherError::UnalignedBuffer { len: buf.len(), sector_size: self.sector_size.bytes() });
@@ -204,9 +183,12 @@ impl SectorCipher {
         if buf.is_empty() {
             return Ok(());
         }
+        debug_assert!(src.is_none_or(|m| m.len() == buf.len()));
+        let dst = buf.as_mut_ptr();
+        let src = src.map_or(dst.cast_const(), |m| m.as_ptr());
         let home = home();
         let mut ctx = pool.take(home)?;
-        let result = ctx.crypt_sectors(pool.dir, first, ss, buf);
+        let result = ctx.crypt_sectors(pool.dir, first, ss, src, dst, buf.len());
         // A context whose call failed is dropped (freed) rather than reused.
         if result.is_ok() {
             pool.give(home, ctx);
@@ -348,21 +330,10 @@ impl Ctx {
     }
 
     /// Runs `dir` over each `ss`-byte sector of `buf` in place, sector i with tweak first + i.
-    fn crypt_sectors(
-        &mut self,
-        dir: Direction,
-        first: SectorIndex,
-        ss: usize,
-        buf: &mut [u8],
-    ) -> Result<(), CipherError> {
-        let p = buf.as_mut_ptr();
-        self.crypt_raw(dir, first, ss, p, p, buf.len())
-    }
-
     /// Encrypts or decrypts `total` bytes (whole sectors of `ss` bytes) from `src` to `dst`,
     /// which are either the same buffer (in place) or do not overlap. `dst` must be writable
     /// and `src` readable for `total` bytes.
-    fn crypt_raw(
+    fn crypt_sectors(
         &mut self,
         dir: Direction,
         first: SectorIndex,
