@@ -73,7 +73,7 @@ run() { # NAME JOB -> bytes/s
         --runtime="$RUNTIME" --ramp_time=1 --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1
     jq '.jobs[0].read.bw_bytes + .jobs[0].write.bw_bytes' "$WORK/fio.json"
 }
-ratio() { echo "scale=3; $1 / $2" | bc; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f\n", a / b }'; }
 median() { sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 echo "old=$OLD new=$NEW transport=$TRANSPORT sector=$SECTOR bs=$BS qd=$QD runtime=${RUNTIME}s"

@@ -12,11 +12,12 @@
 //! go kept growing (the 10-minute soak with reconnecting clients: +44 MiB RSS after warm-up,
 //! still climbing), because glibc raises its mmap threshold after the first large free and
 //! then serves 4 KiB–1 MiB buffers from per-thread arenas, which fragment and are rarely
-//! trimmed. Mapped, the same soak's RSS trend is flat (+0.4 MiB over 10 minutes). A pool hit costs nothing either way; a miss
-//! costs an mmap and first-touch faults instead of a zeroing memset. It also means freed
-//! buffers, which held plaintext, are not left in the heap for the next allocation.
+//! trimmed. Mapped, the same soak's RSS trend is flat (+0.4 MiB over 10 minutes). A pool hit
+//! costs nothing either way; a miss costs an mmap and first-touch faults instead of a zeroing
+//! memset. It also means freed buffers, which held plaintext, are not left in the heap for the
+//! next allocation.
 //!
-//! This module holds the crate's only `unsafe` outside the cipher FFI: the mapping itself.
+//! The `unsafe` here is the mapping itself.
 
 #![allow(unsafe_code)]
 
@@ -32,7 +33,7 @@ use rustix::mm::{self, MapFlags, ProtFlags};
 /// (4Kn disks), and the page size.
 pub const ALIGN: usize = 4096;
 
-/// A zero-initialised heap buffer aligned to [`ALIGN`]. Its visible length can shrink below
+/// A zero-initialised buffer (an anonymous mapping) aligned to [`ALIGN`]. Its visible length can shrink below
 /// its capacity ([`AlignedBuf::truncate`]) and grow back ([`AlignedBuf::reset`]), never beyond.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,

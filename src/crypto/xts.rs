@@ -20,7 +20,8 @@
 //! schedule. That is what makes suspending a volume forget its key. (AWS-LC allocates the contexts itself, so unlike
 //! [`crate::crypto::Secret`] they are not `mlock`ed.)
 //!
-//! This module holds the crate's only FFI `unsafe` for the data path.
+//! The FFI `unsafe` of the data path is here; the volume mapping that reads can decrypt from
+//! is `backend::mapping`.
 
 #![allow(unsafe_code)]
 
