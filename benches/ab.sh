@@ -78,7 +78,7 @@ median() { sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (
 
 echo "old=$OLD new=$NEW transport=$TRANSPORT sector=$SECTOR bs=$BS qd=$QD runtime=${RUNTIME}s"
 for job in $JOBS; do
-    : >"$WORK/r.new_old" >"$WORK/r.old_raw" >"$WORK/r.new_raw"
+    for f in new_old old_raw new_raw; do : >"$WORK/r.$f"; done
     for ((r = 1; r <= ROUNDS; r++)); do
         order="A B K"; ((r % 2 == 0)) && order="K B A"
         declare -A bw=()
