@@ -144,6 +144,12 @@ impl ReadMapping {
         self.access(start, len, f)
     }
 
+    /// Whether `[offset, offset + len)` is inside the mapping and all in the page cache.
+    pub fn resident(&self, offset: u64, len: usize) -> bool {
+        let Ok(start) = usize::try_from(offset) else { return false };
+        start.checked_add(len).is_some_and(|end| end <= self.len && self.cached(start, end))
+    }
+
     /// `f` on `[start, start + len)`, inside the mapping; `None` if it faulted meanwhile.
     fn access<R>(&self, start: usize, len: usize, f: impl FnOnce(Mapped<'_>) -> R) -> Option<R> {
         debug_assert!(start + len <= self.len);
