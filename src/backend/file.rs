@@ -12,8 +12,9 @@
 //! anything unaligned (the header, at open) through the buffered descriptor. The regions never
 //! overlap, so the two views stay coherent.
 //!
-//! In buffered mode the volume is also mapped read-only ([`ReadMapping`]): reads that go to
-//! the blocking pool decrypt straight from the page cache through it ([`Backend::read_mapped`]).
+//! In buffered mode the volume is also mapped read-only ([`ReadMapping`]): reads of cached
+//! ranges decrypt straight from the page cache through it ([`Backend::read_mapped`]), and
+//! `preadv2` only serves what the mapping declines.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};

@@ -133,8 +133,8 @@ impl ReadMapping {
     /// to `pread` because faults through the mapping read it in readahead-window pieces
     /// (128 KiB by default) one after another, where `pread` asks for the whole request at
     /// once: on a network volume, that is the difference between one round trip and eight
-    /// per MiB. `f` may still block on a page fault (the page was evicted meanwhile): call it
-    /// where blocking is allowed.
+    /// per MiB. `f` may still block on a page fault (the page was evicted meanwhile), which is
+    /// rare enough for the connection tasks to read through it inline.
     pub fn read<R>(&self, offset: u64, len: usize, f: impl FnOnce(Mapped<'_>) -> R) -> Option<R> {
         let start = usize::try_from(offset).ok()?;
         let end = start.checked_add(len)?;

@@ -45,9 +45,10 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
 
     /// Runs `f` on the raw bytes `[offset, offset + len)` straight out of a mapping of the
     /// volume (see [`mapping`]), so a reader can decrypt them without copying them first.
-    /// `None` if the backend has no mapping, the range is outside it, or the mapping faulted
-    /// (an I/O error): whatever `f` produced is then garbage, and [`Backend::read_at`] reports
-    /// the error. May block on a page fault, like `read_at`.
+    /// `None` if the backend has no mapping, the range is outside it or not all cached, or the
+    /// mapping faulted (an I/O error): whatever `f` produced is then garbage, and
+    /// [`Backend::read_at`] reports the error. Only cached ranges are read, so it blocks only
+    /// on a page evicted since the check (callers on an async task accept that rare stall).
     fn read_mapped(&self, _offset: u64, _len: usize, _f: &mut dyn FnMut(Mapped<'_>)) -> Option<()> {
         None
     }

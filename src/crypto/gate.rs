@@ -90,6 +90,16 @@ impl CipherGate {
         self.try_with(|c| c.decrypt(first, buf))
     }
 
+    /// [`CipherGate::decrypt_mapped`] for a caller that must not block: `None` if suspended.
+    pub fn try_decrypt_mapped(
+        &self,
+        first: SectorIndex,
+        src: Mapped<'_>,
+        dst: &mut [u8],
+    ) -> Option<Result<(), GateError>> {
+        self.try_with(|c| c.decrypt_mapped(first, src, dst))
+    }
+
     fn try_with(&self, f: impl FnOnce(&SectorCipher) -> Result<(), CipherError>) -> Option<Result<(), GateError>> {
         let guard = self.cipher.load();
         guard.as_ref().map(|c| f(c).map_err(GateError::from))
