@@ -773,19 +773,27 @@ mod tests {
         assert_eq!(out, pattern(8192, 1));
     }
 
-    #[test]
-    fn file_volume_reads_through_its_mapping_and_survives_shrinking() {
-        use crate::backend::FileBackend;
-        let ss = SectorSize::S4096;
-        let size = 64 * 4096u64;
+    /// An export of a temporary file holding `size` data bytes, buffered (so mapped); with
+    /// the file, its backend and the volume key.
+    fn file_export(
+        ss: SectorSize,
+        size: u64,
+    ) -> (Export, Arc<crate::backend::FileBackend>, tempfile::NamedTempFile, VolumeKey) {
         let f = tempfile::NamedTempFile::new().unwrap();
         f.as_file().set_len(DATA_OFFSET + size).unwrap();
-        let file = Arc::new(FileBackend::open(f.path(), true).unwrap());
-        let cipher = SectorCipher::new(&VolumeKey::generate().unwrap(), ss).unwrap();
+        let file = Arc::new(crate::backend::FileBackend::open(f.path(), true).unwrap());
+        let key = VolumeKey::generate().unwrap();
         let opts =
             ExportOptions { name: "t".into(), description: String::new(), read_only: false, allow_discards: true };
         let geo = Geometry { sector_size: ss, data_offset: DATA_OFFSET, data_size: size };
-        let e = Export::new(opts, geo, file.clone(), cipher);
+        let e = Export::new(opts, geo, file.clone(), SectorCipher::new(&key, ss).unwrap());
+        (e, file, f, key)
+    }
+
+    #[test]
+    fn file_volume_reads_through_its_mapping_and_survives_shrinking() {
+        let size = 64 * 4096u64;
+        let (e, file, f, _key) = file_export(SectorSize::S4096, size);
         let data = pattern(size as usize, 3);
         e.write(0, &mut data.clone(), false).unwrap();
         // `read` takes the blocking path: decrypted from the mapping.
@@ -805,17 +813,9 @@ mod tests {
 
     #[test]
     fn file_volume_serves_cached_reads_without_waiting_through_its_mapping() {
-        use crate::backend::FileBackend;
         let ss = SectorSize::S512;
         let size = 64 * 4096u64;
-        let f = tempfile::NamedTempFile::new().unwrap();
-        f.as_file().set_len(DATA_OFFSET + size).unwrap();
-        let file = Arc::new(FileBackend::open(f.path(), true).unwrap());
-        let key = VolumeKey::generate().unwrap();
-        let opts =
-            ExportOptions { name: "t".into(), description: String::new(), read_only: false, allow_discards: true };
-        let geo = Geometry { sector_size: ss, data_offset: DATA_OFFSET, data_size: size };
-        let e = Export::new(opts, geo, file.clone(), SectorCipher::new(&key, ss).unwrap());
+        let (e, file, _f, key) = file_export(ss, size);
         let data = pattern(size as usize, 5);
         e.write(0, &mut data.clone(), false).unwrap();
         assert!(file.read_mapped(DATA_OFFSET + 1536, 8192, &mut |_| {}).is_some(), "cached and mapped");
