@@ -33,8 +33,9 @@ use rustix::mm::{self, MapFlags, ProtFlags};
 /// (4Kn disks), and the page size.
 pub const ALIGN: usize = 4096;
 
-/// A zero-initialised buffer (an anonymous mapping) aligned to [`ALIGN`]. Its visible length can shrink below
-/// its capacity ([`AlignedBuf::truncate`]) and grow back ([`AlignedBuf::reset`]), never beyond.
+/// A zero-initialised buffer (an anonymous mapping) aligned to [`ALIGN`]. Its visible length
+/// can shrink below its capacity ([`AlignedBuf::truncate`]) and grow back
+/// ([`AlignedBuf::reset`]), never beyond.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,

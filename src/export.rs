@@ -343,32 +343,26 @@ impl Export {
     /// `Ok(false)` otherwise.
     fn read_raw(&self, wide: ByteRange, buf: &mut [u8], nowait: bool) -> Result<bool, ExportError> {
         let first = self.sector_size().sector_of(wide.offset);
-        if !nowait {
-            // Straight from the page cache when the volume is mapped: one pass over the data.
-            let mut decrypted = None;
-            let mapped = self.backend.read_mapped(self.raw(wide.offset), buf.len(), &mut |src| {
-                decrypted = Some(self.cipher.decrypt_mapped(first, src, buf));
+        let raw = self.raw(wide.offset);
+        // Straight from the page cache when the range is cached in the volume's mapping: one
+        // pass over the data. (A page evicted since the check faults in on this thread, even
+        // with `nowait`: rare, it was cached a moment ago.) `None` inside: the gate is suspended.
+        let mut decrypted = None;
+        let mapped = self.backend.read_mapped(raw, buf.len(), &mut |src| {
+            decrypted = Some(match nowait {
+                true => self.cipher.try_decrypt_mapped(first, src, buf),
+                false => Some(self.cipher.decrypt_mapped(first, src, buf)),
             });
-            if let (Some(()), Some(r)) = (mapped, decrypted) {
-                r?;
-                return Ok(true);
-            }
-            self.backend.read_at(buf, self.raw(wide.offset))?;
+        });
+        if let (Some(()), Some(r)) = (mapped, decrypted) {
+            return r.map_or(Ok(false), |r| r.map(|()| true).map_err(ExportError::from));
+        }
+        if !nowait {
+            self.backend.read_at(buf, raw)?;
             self.cipher.decrypt(first, buf)?;
             return Ok(true);
         }
-        // The mapping checks that the range is cached first; a page evicted since would still
-        // fault in on this thread (rare: it was cached a moment ago).
-        let mut decrypted = None;
-        let mapped = self.backend.read_mapped(self.raw(wide.offset), buf.len(), &mut |src| {
-            decrypted = Some(self.cipher.try_decrypt_mapped(first, src, buf));
-        });
-        match (mapped, decrypted) {
-            (Some(()), Some(Some(r))) => return r.map(|()| true).map_err(ExportError::from),
-            (Some(()), Some(None)) => return Ok(false),
-            _ => {}
-        }
-        if !self.backend.try_read_at(buf, self.raw(wide.offset))? {
+        if !self.backend.try_read_at(buf, raw)? {
             return Ok(false);
         }
         match self.cipher.try_decrypt(first, buf) {

@@ -152,8 +152,7 @@ impl Backend for FileBackend {
             return d.write_all_at(buf, offset);
         }
         // See BUFFERED_WRITE_CHUNK. Without a mapping, residency is unknown: split.
-        let resident = || self.map.as_ref().is_some_and(|m| m.resident(offset, buf.len()));
-        if buf.len() <= BUFFERED_WRITE_CHUNK || resident() {
+        if buf.len() <= BUFFERED_WRITE_CHUNK || self.map.as_ref().is_some_and(|m| m.resident(offset, buf.len())) {
             return self.file.write_all_at(buf, offset);
         }
         let mut pos = offset;

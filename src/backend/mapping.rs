@@ -14,7 +14,7 @@
 //!
 //! Readers never get a Rust reference to mapped memory (another process, or our own writes,
 //! may change it at any time): only [`Mapped`], a pointer that the cipher hands to AWS-LC and
-//! reads with atomic loads.
+//! reads with volatile loads.
 
 #![allow(unsafe_code)]
 
@@ -136,12 +136,10 @@ impl ReadMapping {
     /// per MiB. `f` may still block on a page fault (the page was evicted meanwhile), which is
     /// rare enough for the connection tasks to read through it inline.
     pub fn read<R>(&self, offset: u64, len: usize, f: impl FnOnce(Mapped<'_>) -> R) -> Option<R> {
-        let start = usize::try_from(offset).ok()?;
-        let end = start.checked_add(len)?;
-        if end > self.len || self.poisoned() || !self.cached(start, end) {
+        if self.poisoned() || !self.resident(offset, len) {
             return None;
         }
-        self.access(start, len, f)
+        self.access(usize::try_from(offset).ok()?, len, f)
     }
 
     /// Whether `[offset, offset + len)` is inside the mapping and all in the page cache.
@@ -159,9 +157,7 @@ impl ReadMapping {
         let r = f(m);
         (!self.poisoned()).then_some(r)
     }
-}
 
-impl ReadMapping {
     /// Whether every page of `[start, end)` (within the mapping) is in the page cache, by
     /// `mincore`. False when it cannot tell: since Linux 5.2, for a file the process neither
     /// owns nor may write, `mincore` only reports pages this process has touched.
@@ -284,6 +280,7 @@ fn forward(sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_void) {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
 
     /// Reads the mapped bytes (volatile: the memory is not ours).
     fn copy(m: Mapped<'_>) -> Vec<u8> {
@@ -344,6 +341,4 @@ mod tests {
         let n = ReadMapping::new(g.as_file(), 2).unwrap();
         assert_eq!(n.read(0, 2, copy).unwrap(), b"ok");
     }
-
-    use std::os::unix::fs::FileExt;
 }

@@ -330,9 +330,9 @@ impl Ctx {
         Ok(out)
     }
 
-    /// Runs `dir` over each `ss`-byte sector of `buf` in place, sector i with tweak first + i.
-    /// Encrypts or decrypts `total` bytes (whole sectors of `ss` bytes) from `src` to `dst`,
-    /// which are either the same buffer (in place) or do not overlap. `dst` must be writable
+    /// Encrypts or decrypts `total` bytes (whole sectors of `ss` bytes, sector i with tweak
+    /// first + i) from `src` to `dst`, which are either the same buffer (in place) or do not
+    /// overlap. `dst` must be writable
     /// and `src` readable for `total` bytes.
     fn crypt_sectors(
         &mut self,

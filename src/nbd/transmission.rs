@@ -4,10 +4,10 @@
 //! the spot, and writes the replies. Requests arrive in batches (one `read` into a 256 KiB
 //! input buffer usually brings many headers, or a header with its payload); a read that hits
 //! the page cache (by `mincore` on the volume's mapping, else `preadv2(RWF_NOWAIT)`) is
-//! decrypted into a pooled buffer, a page-aligned write
-//! is encrypted in place in the input buffer and copied into the page cache, and the replies
-//! of the whole batch leave in one vectored `write`. So a cached request costs its pread or
-//! pwrite and a share of one read and one write: no thread hop, no channel, no allocation.
+//! decrypted into a pooled buffer, a page-aligned write is encrypted in place in the input
+//! buffer and copied into the page cache, and the replies of the whole batch leave in one
+//! vectored `write`. So a cached request costs its `mincore` (or pread) or pwrite and a share
+//! of one read and one write: no thread hop, no channel, no allocation.
 //!
 //! Whatever may wait goes to tokio's blocking pool: reads that miss the cache, all I/O in
 //! `O_DIRECT` mode, FLUSH and FUA, TRIM, WRITE_ZEROES, writes that need read-modify-write or
