@@ -62,6 +62,13 @@ pub struct DaemonStatus {
     pub uptime_secs: u64,
     /// AWS-LC XTS contexts (key schedules) alive in the daemon; 0 when every export is suspended.
     pub cipher_contexts: usize,
+    /// Pages `mlock`ed for key memory (secrets and key schedules).
+    #[serde(default)]
+    pub locked_key_pages: usize,
+    /// Live key allocations the OS refused to lock (`RLIMIT_MEMLOCK`); anything but 0 means key
+    /// bytes may reach swap.
+    #[serde(default)]
+    pub unlocked_key_allocations: usize,
     pub exports: Vec<ExportStatus>,
 }
 

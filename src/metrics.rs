@@ -388,6 +388,15 @@ pub fn encode(exports: &[ExportView<'_>], process: ProcessView) -> String {
     let _ = writeln!(out, "nbdcrypt_start_time_seconds {start}");
     header(&mut out, "nbdcrypt_cipher_contexts", "gauge", "AWS-LC XTS contexts (key schedules) alive in the process.");
     let _ = writeln!(out, "nbdcrypt_cipher_contexts {}", crate::crypto::live_contexts());
+    header(&mut out, "nbdcrypt_key_pages_locked", "gauge", "Pages mlocked for key memory (secrets, key schedules).");
+    let _ = writeln!(out, "nbdcrypt_key_pages_locked {}", crate::crypto::mlock::locked_pages());
+    header(
+        &mut out,
+        "nbdcrypt_key_allocations_unlocked",
+        "gauge",
+        "Live key allocations the OS refused to mlock (0 unless RLIMIT_MEMLOCK is too low).",
+    );
+    let _ = writeln!(out, "nbdcrypt_key_allocations_unlocked {}", crate::crypto::mlock::unlocked_allocations());
 
     let per_export =
         |out: &mut String, name: &str, kind: &str, help: &str, f: &dyn Fn(&mut String, &ExportView, &str)| {

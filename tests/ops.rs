@@ -120,6 +120,8 @@ fn metrics_scrape_parses_and_counts_requests_by_command_and_errno() {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     assert!(unlocked > now - 120.0 && unlocked <= now + 1.0, "unlocked at {unlocked}, now {now}");
     assert!(s.value("nbdcrypt_cipher_contexts", &[]) > 0.0);
+    assert!(s.value("nbdcrypt_key_pages_locked", &[]) > 0.0);
+    assert_eq!(s.value("nbdcrypt_key_allocations_unlocked", &[]), 0.0);
     eprintln!("metrics scrape took {:.2} ms", s.seconds * 1e3);
 
     // Anything but /metrics is a 404.
@@ -143,7 +145,13 @@ fn suspend_holds_io_until_resume_and_the_data_survives() {
         ),
         "write",
     );
-    assert!(status_json(&ctl)["cipher_contexts"].as_u64().unwrap() > 0);
+    let st = status_json(&ctl);
+    assert!(st["cipher_contexts"].as_u64().unwrap() > 0);
+    // Key memory (the key schedules) is mlocked, and the kernel agrees.
+    assert_eq!(st["unlocked_key_allocations"], 0, "{st}");
+    let pages = st["locked_key_pages"].as_u64().unwrap();
+    assert!(pages > 0, "{st}");
+    assert!(vm_locked_kib(st["pid"].as_u64().unwrap()) >= pages * 4, "{st}");
 
     check(nbdcrypt(&["suspend", "--control-socket", ctl.to_str().unwrap()]), "suspend");
     let st = status_json(&ctl);
@@ -151,6 +159,8 @@ fn suspend_holds_io_until_resume_and_the_data_survives() {
     // The cipher was dropped: no AWS-LC XTS context (key schedule) is left in the daemon.
     assert_eq!(st["cipher_contexts"], 0, "{st}");
     assert_eq!(st["exports"][0]["counters"]["unlocked_at"], 0);
+    // Nor any other key allocation: the secrets' and schedules' page locks are all released.
+    assert_eq!((st["locked_key_pages"].as_u64(), st["unlocked_key_allocations"].as_u64()), (Some(0), Some(0)), "{st}");
 
     // A client's read now waits instead of failing.
     let script = "import nbd, sys, hashlib\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
@@ -527,4 +537,11 @@ fn kms_calls_are_counted_and_resume_unwraps_through_kms_again() {
     assert_eq!(s.value("nbdcrypt_kms_request_duration_seconds_count", &[("op", "Decrypt")]), 3.0);
     assert_eq!(s.value("nbdcrypt_suspended", &[("export", "t")]), 0.0);
     assert_eq!(d.stop(), 0);
+}
+
+/// The daemon's locked memory (`VmLck` in /proc/PID/status), in KiB.
+fn vm_locked_kib(pid: u64) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }

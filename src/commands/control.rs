@@ -100,14 +100,22 @@ fn render(st: &DaemonStatus) -> String {
     let up = st.uptime_secs;
     let _ = writeln!(
         o,
-        "nbdcrypt {} (pid {}), up {}h{:02}m{:02}s, {} cipher context(s) alive",
+        "nbdcrypt {} (pid {}), up {}h{:02}m{:02}s, {} cipher context(s) alive, {} page(s) of key memory locked",
         st.version,
         st.pid,
         up / 3600,
         up / 60 % 60,
         up % 60,
-        st.cipher_contexts
+        st.cipher_contexts,
+        st.locked_key_pages
     );
+    if st.unlocked_key_allocations > 0 {
+        let _ = writeln!(
+            o,
+            "WARNING: {} key allocation(s) could not be locked in memory (raise RLIMIT_MEMLOCK); key bytes may be swapped",
+            st.unlocked_key_allocations
+        );
+    }
     for e in &st.exports {
         let c = &e.counters;
         let _ = writeln!(o, "\nexport {:?}: {}", e.name, e.state);

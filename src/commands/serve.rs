@@ -368,6 +368,8 @@ impl Daemon {
             pid: std::process::id(),
             uptime_secs: self.started.elapsed().as_secs(),
             cipher_contexts: crate::crypto::live_contexts(),
+            locked_key_pages: crate::crypto::mlock::locked_pages(),
+            unlocked_key_allocations: crate::crypto::mlock::unlocked_allocations(),
             exports: self
                 .served
                 .iter()

@@ -4,10 +4,12 @@
 //! - `xts`: AES-256-XTS-plain64 over whole sectors, on AWS-LC's `EVP_aes_256_xts`.
 //! - `gate`: the sector cipher behind a suspend/resume gate (the key can be dropped and given
 //!   back while the volume stays served).
+//! - `mlock`: counted page locks for every allocation that holds key bytes.
 //! - `kdf`: HKDF/HMAC helpers deriving sub-keys (header MAC, key digest) from the volume key.
 
 pub mod gate;
 pub mod kdf;
+pub mod mlock;
 pub mod secret;
 pub mod xts;
 #[cfg(test)]

@@ -3,31 +3,28 @@
 //!
 //! The bytes sit in their own heap allocation (a `Box`), so they never move when the owning
 //! value moves (a moved stack array would leave copies behind), and that allocation is
-//! `mlock`ed so it is never written to swap. Core dumps are disabled by the daemon at start
-//! (`crate::hardening`).
-
-#![allow(unsafe_code)]
+//! `mlock`ed ([`crate::crypto::mlock`]) so it is never written to swap. Core dumps are disabled
+//! by the daemon at start (`crate::hardening`).
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use zeroize::Zeroize;
 
-/// Set once if an `mlock` failed (e.g. RLIMIT_MEMLOCK too low), so the warning is logged once.
-static MLOCK_WARNED: AtomicBool = AtomicBool::new(false);
+use super::mlock::{self, PageLock};
 
 /// `N` secret bytes in a locked, zeroize-on-drop heap allocation.
 pub struct Secret<const N: usize> {
     bytes: Box<[u8; N]>,
-    locked: bool,
+    /// Always `Some` until drop.
+    lock: Option<PageLock>,
 }
 
 impl<const N: usize> Secret<N> {
     /// A secret of all zeros, to be filled in place (so the bytes are never on the stack).
     pub fn zeroed() -> Self {
         let bytes = Box::new([0u8; N]);
-        let locked = lock(bytes.as_ptr(), N);
-        Secret { bytes, locked }
+        let lock = Some(mlock::lock(bytes.as_ptr(), N));
+        Secret { bytes, lock }
     }
 
     /// Fresh random bytes from the system CSPRNG (AWS-LC's RAND_bytes).
@@ -59,7 +56,7 @@ impl<const N: usize> Secret<N> {
 
     /// Whether the allocation is locked in memory (mlock succeeded).
     pub fn is_locked(&self) -> bool {
-        self.locked
+        self.lock.as_ref().is_some_and(PageLock::is_locked)
     }
 
     /// Constant-time equality.
@@ -71,8 +68,8 @@ impl<const N: usize> Secret<N> {
 impl<const N: usize> Drop for Secret<N> {
     fn drop(&mut self) {
         self.bytes.zeroize();
-        if self.locked {
-            unlock(self.bytes.as_ptr(), N);
+        if let Some(lock) = self.lock.take() {
+            mlock::release(lock);
         }
     }
 }
@@ -81,23 +78,6 @@ impl<const N: usize> fmt::Debug for Secret<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret { .. }")
     }
-}
-
-fn lock(ptr: *const u8, len: usize) -> bool {
-    // SAFETY: `ptr..ptr+len` is a live heap allocation owned by the caller; mlock only
-    // changes the residency of the pages containing it and does not access the memory.
-    let r = unsafe { rustix::mm::mlock(ptr as *mut core::ffi::c_void, len) };
-    if r.is_err() && !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!("could not lock key memory (mlock failed; raise RLIMIT_MEMLOCK); key pages may be swapped");
-    }
-    r.is_ok()
-}
-
-fn unlock(ptr: *const u8, len: usize) {
-    // SAFETY: the same range was locked by `lock`; munlock does not access the memory. Other
-    // secrets on the same page stay resident until their own drop: munlock is not nested, so
-    // a shared page may be unlocked early, which costs residency, not correctness.
-    let _ = unsafe { rustix::mm::munlock(ptr as *mut core::ffi::c_void, len) };
 }
 
 /// The 512-bit AES-256-XTS volume key (two 256-bit halves). Never written anywhere in
@@ -201,6 +181,14 @@ mod tests {
     }
 
     #[test]
+    fn secret_bytes_are_in_locked_memory() {
+        let k = VolumeKey::generate().unwrap();
+        assert!(k.is_locked(), "mlock refused (RLIMIT_MEMLOCK?)");
+        assert!(mlock::kernel_says_locked(k.expose().as_ptr() as usize));
+    }
+
+    #[test]
+    #[allow(unsafe_code)] // a look at the allocation's bytes just before it is freed
     fn drop_zeroizes_the_allocation() {
         // Zeroize in place (what Drop does first) and observe the same allocation: reading
         // freed memory would be UB, so the check runs on the live box just before release.

@@ -17,8 +17,9 @@
 //! The cipher holds no copy of the key outside AWS-LC contexts, and every context is owned by
 //! the [`SectorCipher`] (threads remember only a slot number, never a context): dropping the
 //! cipher frees every context with `EVP_CIPHER_CTX_free`, whose `OPENSSL_free` cleanses the key
-//! schedule. That is what makes suspending a volume forget its key. (AWS-LC allocates the contexts itself, so unlike
-//! [`crate::crypto::Secret`] they are not `mlock`ed.)
+//! schedule. That is what makes suspending a volume forget its key. AWS-LC allocates the key
+//! schedules itself; each is `mlock`ed once keyed or copied ([`crate::crypto::mlock`]), like a
+//! [`crate::crypto::Secret`], and unlocked when freed.
 //!
 //! The FFI `unsafe` of the data path is here; the volume mapping that reads can decrypt from
 //! is `backend::mapping`.
@@ -35,12 +36,19 @@ use std::time::{Duration, Instant};
 use aws_lc_sys as ffi;
 
 use crate::backend::Mapped;
+use crate::crypto::mlock::{self, PageLock};
 use crate::crypto::secret::VolumeKey;
 use crate::units::{SectorIndex, SectorSize};
 
 /// Idle contexts kept per direction (pool slots); more concurrent callers than this get a
 /// context copied from the template that is freed again after use.
 const SLOTS: usize = 32;
+
+/// Size of AWS-LC's `EVP_AES_XTS_CTX`, the `cipher_data` an XTS context allocates: two AES
+/// key schedules (244 bytes each, 8-aligned), an `XTS128_CONTEXT` (four pointers) and a flag,
+/// padded. AWS-LC does not export it (its `EVP_CIPHER` is opaque); the test
+/// `key_schedules_are_in_locked_memory` finds both schedules inside this many bytes.
+const XTS_CTX_LEN: usize = 536;
 
 /// Largest request [`measure_throughput`] will allocate (64 MiB).
 const MAX_BENCH_REQUEST: usize = 64 << 20;
@@ -283,6 +291,8 @@ impl Direction {
 struct Ctx {
     ptr: NonNull<ffi::EVP_CIPHER_CTX>,
     live: Arc<AtomicUsize>,
+    /// The lock on the key schedule, once there is one.
+    schedule: Option<PageLock>,
 }
 
 // SAFETY: an EVP_CIPHER_CTX is plain heap memory with no thread affinity; `Ctx` owns it
@@ -298,12 +308,12 @@ impl Ctx {
         let ptr = NonNull::new(raw).ok_or_else(|| backend_error("EVP_CIPHER_CTX_new"))?;
         live.fetch_add(1, Ordering::Relaxed);
         LIVE_CONTEXTS.fetch_add(1, Ordering::Relaxed);
-        Ok(Ctx { ptr, live: Arc::clone(live) })
+        Ok(Ctx { ptr, live: Arc::clone(live), schedule: None })
     }
 
     /// A context keyed for `dir` with Key1 || Key2 (no IV yet).
     fn keyed(key: &VolumeKey, dir: Direction, live: &Arc<AtomicUsize>) -> Result<Ctx, CipherError> {
-        let ctx = Ctx::alloc(live)?;
+        let mut ctx = Ctx::alloc(live)?;
         let (init, name) = dir.init();
         // SAFETY: `ctx.ptr` is a live context we own; EVP_aes_256_xts returns a static
         // cipher; the key pointer is valid for the 64 bytes the cipher reads (key_len = 64);
@@ -314,12 +324,13 @@ impl Ctx {
         if ok != 1 {
             return Err(backend_error(name));
         }
+        ctx.lock_schedule();
         Ok(ctx)
     }
 
     /// A copy of this context, key schedule included.
     fn try_clone(&self) -> Result<Ctx, CipherError> {
-        let out = Ctx::alloc(&self.live)?;
+        let mut out = Ctx::alloc(&self.live)?;
         // SAFETY: both pointers are live contexts we own and they are distinct; `self` is only
         // read (the XTS copy hook only rewires the copy's key-schedule pointers into the
         // copy's own memory).
@@ -327,7 +338,24 @@ impl Ctx {
         if ok != 1 {
             return Err(backend_error("EVP_CIPHER_CTX_copy"));
         }
+        out.lock_schedule();
         Ok(out)
+    }
+
+    /// The key schedule AWS-LC allocated for this keyed context (null before keying).
+    fn schedule_ptr(&self) -> *const u8 {
+        // SAFETY: `ptr` is a live context we own; `evp_cipher_ctx_st` is AWS-LC's public
+        // struct (bindgen checks its layout), and reading its pointer field does not touch
+        // the schedule.
+        unsafe { (*self.ptr.as_ptr()).cipher_data as *const u8 }
+    }
+
+    /// Locks the key schedule in memory (see [`XTS_CTX_LEN`]).
+    fn lock_schedule(&mut self) {
+        let p = self.schedule_ptr();
+        if !p.is_null() && self.schedule.is_none() {
+            self.schedule = Some(mlock::lock(p, XTS_CTX_LEN));
+        }
     }
 
     /// Encrypts or decrypts `total` bytes (whole sectors of `ss` bytes, sector i with tweak
@@ -381,6 +409,10 @@ impl Drop for Ctx {
         // freed exactly once, here. EVP_CIPHER_CTX_free cleans up (cleansing the cipher data,
         // i.e. the key schedule) and frees the context.
         unsafe { ffi::EVP_CIPHER_CTX_free(self.ptr.as_ptr()) };
+        // After the free: the schedule is cleansed before its pages may be swapped.
+        if let Some(lock) = self.schedule.take() {
+            mlock::release(lock);
+        }
         self.live.fetch_sub(1, Ordering::Relaxed);
         LIVE_CONTEXTS.fetch_sub(1, Ordering::Relaxed);
     }
@@ -469,6 +501,21 @@ impl ContextPool {
         // SAFETY: `p` came from `Box::into_raw` above and was not stored in any slot (every
         // compare-exchange failed), so this is its only owner.
         drop(unsafe { Box::from_raw(p) });
+    }
+
+    /// The key schedules of the template and the idle contexts (racy; for tests).
+    #[cfg(test)]
+    fn schedules(&self) -> Vec<*const u8> {
+        let mut v = vec![self.template.lock().unwrap().schedule_ptr()];
+        for s in self.slots.iter() {
+            let p = s.0.load(Ordering::Acquire);
+            if !p.is_null() {
+                // SAFETY: a test-only peek at an idle context while no thread takes from the
+                // pool (the test owns the cipher).
+                v.push(unsafe { &*p }.schedule_ptr());
+            }
+        }
+        v
     }
 
     /// Number of idle contexts (racy; for tests).
@@ -940,6 +987,38 @@ mod tests {
         assert_eq!(live.load(Ordering::Relaxed), SLOTS + 1);
         drop(pool);
         assert_eq!(live.load(Ordering::Relaxed), 0);
+    }
+
+    /// Whether `needle` (a raw AES-256 key) starts a key schedule inside `hay`: the AES-NI
+    /// schedule stores the key's bytes as they are, the portable one as big-endian words.
+    fn holds_schedule_of(hay: &[u8], needle: &[u8]) -> bool {
+        let swapped: Vec<u8> = needle.chunks(4).flat_map(|w| w.iter().rev().copied()).collect();
+        hay.windows(needle.len()).any(|w| w == needle || w == swapped.as_slice())
+    }
+
+    #[test]
+    fn key_schedules_are_in_locked_memory() {
+        let key = VolumeKey::generate().unwrap();
+        let cipher = SectorCipher::new(&key, SectorSize::S4096).unwrap();
+        for (pool, both) in [(&cipher.enc, true), (&cipher.dec, false)] {
+            let schedules = pool.schedules();
+            assert!(schedules.len() >= 2, "a template and one idle copy");
+            for p in schedules {
+                assert!(!p.is_null());
+                // SAFETY: a live context's cipher data, XTS_CTX_LEN bytes (what this checks:
+                // the key schedules lie inside that length).
+                let data = unsafe { std::slice::from_raw_parts(p, XTS_CTX_LEN) };
+                // Key2 (the tweak key) is always an encryption schedule; Key1 only in an
+                // encrypting context.
+                assert!(holds_schedule_of(data, &key.expose()[32..]), "tweak-key schedule outside XTS_CTX_LEN");
+                if both {
+                    assert!(holds_schedule_of(data, &key.expose()[..32]), "data-key schedule outside XTS_CTX_LEN");
+                }
+                for addr in [p as usize, p as usize + XTS_CTX_LEN - 1] {
+                    assert!(mlock::kernel_says_locked(addr), "key schedule at {addr:#x} is not mlocked");
+                }
+            }
+        }
     }
 
     #[test]
