@@ -22,10 +22,18 @@ APT_PACKAGES=(
 )
 PIP_PACKAGES=("moto[server]" boto3 cryptography)
 
+# Whether an apt package is there. On Debian 12 `nbdfuse` is a virtual package (libnbd-bin
+# provides it) that dpkg never reports as installed, so its command is checked instead; on
+# Ubuntu it is a real package, so the name stays in the list.
+installed() {
+    [[ $1 == nbdfuse ]] && command -v nbdfuse >/dev/null && return 0
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"
+}
+
 install_deps() {
     local missing=() p
     for p in "${APT_PACKAGES[@]}"; do
-        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+        installed "$p" || missing+=("$p")
     done
     if ((${#missing[@]})); then
         log "apt-get install ${missing[*]}"
@@ -40,7 +48,10 @@ install_deps() {
         python3 -m pip install -q "${PIP_PACKAGES[@]}" ||
             python3 -m pip install -q --break-system-packages "${PIP_PACKAGES[@]}"
     fi
-    command -v fio >/dev/null && fio --enghelp=nbd >/dev/null 2>&1 || { log "fio lacks the nbd engine"; exit 1; }
+    if ! { command -v fio && fio --enghelp=nbd; } >/dev/null 2>&1; then
+        log "fio lacks the nbd engine"
+        exit 1
+    fi
 }
 
 [[ ${SKIP_INSTALL:-0} == 1 ]] || install_deps
