@@ -3,9 +3,9 @@
 //!
 //! `mlock` works on whole pages and does not nest: one `munlock` unlocks a page however many
 //! locked allocations share it. Small heap allocations do share pages, so every lock goes
-//! through here and is counted per page; a page is unlocked only when the last key allocation
-//! on it is released. (The locks of freed allocations must not outlive them either: that
-//! would pin heap pages for good.)
+//! through here and is counted per page; a page is unlocked only when the last [`PageLock`]
+//! on it is dropped. (Locks must not outlive their allocations for long either: that would pin
+//! heap pages for good. Owners keep the lock next to the allocation, and it goes with it.)
 //!
 //! What the OS refuses (`RLIMIT_MEMLOCK` too low, no `CAP_IPC_LOCK`) is warned about once and
 //! counted: [`unlocked_allocations`] is reported by `nbdcrypt status`, and 0 there means every
@@ -27,9 +27,10 @@ static UNLOCKED: AtomicUsize = AtomicUsize::new(0);
 /// Set once the first failure is logged.
 static WARNED: AtomicBool = AtomicBool::new(false);
 
-/// A lock on the pages of one key allocation; [`release`] it before the allocation is freed.
+/// A lock on the pages of one key allocation, released on drop (keep it next to the
+/// allocation; dropping it first only lets those pages be swapped).
 #[derive(Debug)]
-#[must_use = "a page lock must be released before its allocation is freed"]
+#[must_use = "the pages are unlocked again when the lock is dropped"]
 pub struct PageLock {
     addr: usize,
     len: usize,
@@ -65,21 +66,23 @@ pub fn lock(ptr: *const u8, len: usize) -> PageLock {
     PageLock { addr, len, locked }
 }
 
-/// Gives up one lock: pages no other key allocation holds are unlocked.
-pub fn release(lock: PageLock) {
-    if !lock.locked {
-        UNLOCKED.fetch_sub(1, Ordering::Relaxed);
-        return;
-    }
-    let mut pages = PAGES.lock().unwrap_or_else(PoisonError::into_inner);
-    for page in page_range(lock.addr, lock.len) {
-        let Some(n) = pages.get_mut(&page) else { continue };
-        *n -= 1;
-        if *n == 0 {
-            pages.remove(&page);
-            // SAFETY: munlock does not access the memory; an address that is no longer mapped
-            // only makes it fail, which changes nothing.
-            let _ = unsafe { rustix::mm::munlock(page as *mut c_void, page_size()) };
+impl Drop for PageLock {
+    /// Gives up this lock: pages no other key allocation holds are unlocked.
+    fn drop(&mut self) {
+        if !self.locked {
+            UNLOCKED.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let mut pages = PAGES.lock().unwrap_or_else(PoisonError::into_inner);
+        for page in page_range(self.addr, self.len) {
+            let Some(n) = pages.get_mut(&page) else { continue };
+            *n -= 1;
+            if *n == 0 {
+                pages.remove(&page);
+                // SAFETY: munlock does not access the memory; an address that is no longer
+                // mapped only makes it fail, which changes nothing.
+                let _ = unsafe { rustix::mm::munlock(page as *mut c_void, page_size()) };
+            }
         }
     }
 }
@@ -155,9 +158,9 @@ mod tests {
         let lb = lock(b, 32);
         assert!(la.is_locked() && lb.is_locked(), "mlock refused (RLIMIT_MEMLOCK?)");
         assert!(kernel_says_locked(base));
-        release(la);
+        drop(la);
         assert!(kernel_says_locked(base), "releasing one lock unlocked a page another still holds");
-        release(lb);
+        drop(lb);
         assert!(!kernel_says_locked(base));
     }
 }

@@ -15,15 +15,15 @@ use super::mlock::{self, PageLock};
 /// `N` secret bytes in a locked, zeroize-on-drop heap allocation.
 pub struct Secret<const N: usize> {
     bytes: Box<[u8; N]>,
-    /// Always `Some` until drop.
-    lock: Option<PageLock>,
+    /// Declared after `bytes`, so it is released after the bytes are zeroized and freed.
+    lock: PageLock,
 }
 
 impl<const N: usize> Secret<N> {
     /// A secret of all zeros, to be filled in place (so the bytes are never on the stack).
     pub fn zeroed() -> Self {
         let bytes = Box::new([0u8; N]);
-        let lock = Some(mlock::lock(bytes.as_ptr(), N));
+        let lock = mlock::lock(bytes.as_ptr(), N);
         Secret { bytes, lock }
     }
 
@@ -56,7 +56,7 @@ impl<const N: usize> Secret<N> {
 
     /// Whether the allocation is locked in memory (mlock succeeded).
     pub fn is_locked(&self) -> bool {
-        self.lock.as_ref().is_some_and(PageLock::is_locked)
+        self.lock.is_locked()
     }
 
     /// Constant-time equality.
@@ -68,9 +68,6 @@ impl<const N: usize> Secret<N> {
 impl<const N: usize> Drop for Secret<N> {
     fn drop(&mut self) {
         self.bytes.zeroize();
-        if let Some(lock) = self.lock.take() {
-            mlock::release(lock);
-        }
     }
 }
 

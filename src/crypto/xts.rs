@@ -291,7 +291,8 @@ impl Direction {
 struct Ctx {
     ptr: NonNull<ffi::EVP_CIPHER_CTX>,
     live: Arc<AtomicUsize>,
-    /// The lock on the key schedule, once there is one.
+    /// The lock on the key schedule, once there is one; a field, so it is released after
+    /// `drop` has freed (and cleansed) the schedule.
     schedule: Option<PageLock>,
 }
 
@@ -409,10 +410,6 @@ impl Drop for Ctx {
         // freed exactly once, here. EVP_CIPHER_CTX_free cleans up (cleansing the cipher data,
         // i.e. the key schedule) and frees the context.
         unsafe { ffi::EVP_CIPHER_CTX_free(self.ptr.as_ptr()) };
-        // After the free: the schedule is cleansed before its pages may be swapped.
-        if let Some(lock) = self.schedule.take() {
-            mlock::release(lock);
-        }
         self.live.fetch_sub(1, Ordering::Relaxed);
         LIVE_CONTEXTS.fetch_sub(1, Ordering::Relaxed);
     }
