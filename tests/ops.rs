@@ -195,6 +195,28 @@ fn suspend_holds_io_until_resume_and_the_data_survives() {
 }
 
 #[test]
+fn key_memory_the_os_refuses_to_lock_is_reported_and_the_volume_still_serves() {
+    // RLIMIT_MEMLOCK 0 and no CAP_IPC_LOCK (root would bypass the limit): every mlock fails.
+    let vol = Volume::new(8 << 20, 4096);
+    let ctl = vol.path("ctl.sock");
+    let wrapper = ["prlimit", "--memlock=0:0", "setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock"];
+    let d = Daemon::try_start_wrapped(&wrapper, &vol, &["--control-socket", ctl.to_str().unwrap()])
+        .unwrap_or_else(|log| panic!("daemon did not start:\n{log}"));
+    let io = "h.pwrite(b'\\x5a' * 65536, 0)\nassert h.pread(65536, 0) == b'\\x5a' * 65536\nh.shutdown()";
+    check(nbd_py(&d.uri, io, &[]), "write and read back");
+
+    let st = status_json(&ctl);
+    assert_eq!(st["locked_key_pages"], 0, "{st}");
+    // At least the two templates and one copy per direction: every live key schedule.
+    assert!(st["unlocked_key_allocations"].as_u64().unwrap() >= st["cipher_contexts"].as_u64().unwrap(), "{st}");
+    assert!(st["cipher_contexts"].as_u64().unwrap() >= 4, "{st}");
+    let text = check(nbdcrypt(&["status", "--control-socket", ctl.to_str().unwrap()]), "status");
+    assert!(String::from_utf8_lossy(&text.stdout).contains("could not be locked in memory"));
+    assert!(d.log_text().contains("could not lock key memory"), "{}", d.log_text());
+    assert_eq!(d.stop(), 0);
+}
+
+#[test]
 fn shutdown_while_suspended_fails_held_requests_and_exits_cleanly() {
     let vol = Volume::new(8 << 20, 4096);
     let ctl = vol.path("ctl.sock");

@@ -92,6 +92,12 @@ impl Daemon {
     }
 
     pub fn try_start(vol: &Volume, extra: &[&str]) -> Result<Daemon, String> {
+        Self::try_start_wrapped(&[], vol, extra)
+    }
+
+    /// [`Daemon::try_start`] under a wrapper command (`prlimit ... setpriv ...`), which is given
+    /// the binary and its arguments and must exec it (so the child's pid is the daemon's).
+    pub fn try_start_wrapped(wrapper: &[&str], vol: &Volume, extra: &[&str]) -> Result<Daemon, String> {
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let mut args = vec!["serve", vol.image.to_str().unwrap(), "--export", "t", "--listen", &listen];
@@ -103,7 +109,16 @@ impl Daemon {
         if !extra.contains(&"--control-socket") {
             args.extend(["--control-socket", &ctl]);
         }
-        Self::spawn(&args, vol.dir.path(), format!("nbd://127.0.0.1:{port}/t"), port)
+        let uri = format!("nbd://127.0.0.1:{port}/t");
+        let cmd = match wrapper.split_first() {
+            None => Command::new(bin()),
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(bin());
+                cmd
+            }
+        };
+        Self::launch(cmd, &args, vol.dir.path(), uri, port)
     }
 
     pub fn spawn(args: &[&str], dir: &Path, uri: String, port: u16) -> Result<Daemon, String> {
@@ -118,10 +133,16 @@ impl Daemon {
         port: u16,
         configure: impl FnOnce(&mut Command),
     ) -> Result<Daemon, String> {
-        let log = dir.join(format!("daemon-{port}.log"));
-        let logf = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(bin());
         configure(&mut cmd);
+        Self::launch(cmd, args, dir, uri, port)
+    }
+
+    /// Starts `cmd` (the daemon, or a wrapper that execs it) with `args`, and waits until the
+    /// daemon logs that it is ready.
+    fn launch(mut cmd: Command, args: &[&str], dir: &Path, uri: String, port: u16) -> Result<Daemon, String> {
+        let log = dir.join(format!("daemon-{port}.log"));
+        let logf = std::fs::File::create(&log).unwrap();
         let child = cmd
             .args(args)
             .args(["--log-format", "json", "--log-level", "debug"])
