@@ -346,16 +346,18 @@ impl Export {
         let raw = self.raw(wide.offset);
         // Straight from the page cache when the range is cached in the volume's mapping: one
         // pass over the data. (A page evicted since the check faults in on this thread, even
-        // with `nowait`: rare, it was cached a moment ago.) `None` inside: the gate is suspended.
+        // with `nowait`: rare, it was cached a moment ago.) A suspended cipher leaves
+        // `decrypted` empty; the paths below then decline (`nowait`) or wait for it.
         let mut decrypted = None;
         let mapped = self.backend.read_mapped(raw, buf.len(), &mut |src| {
-            decrypted = Some(match nowait {
+            decrypted = match nowait {
                 true => self.cipher.try_decrypt_mapped(first, src, buf),
                 false => Some(self.cipher.decrypt_mapped(first, src, buf)),
-            });
+            };
         });
         if let (Some(()), Some(r)) = (mapped, decrypted) {
-            return r.map_or(Ok(false), |r| r.map(|()| true).map_err(ExportError::from));
+            r?;
+            return Ok(true);
         }
         if !nowait {
             self.backend.read_at(buf, raw)?;
