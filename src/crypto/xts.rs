@@ -351,18 +351,17 @@ impl Ctx {
         unsafe { (*self.ptr.as_ptr()).cipher_data as *const u8 }
     }
 
-    /// Locks the key schedule in memory (see [`XTS_CTX_LEN`]).
+    /// Locks the key schedule of a context just keyed or copied (see [`XTS_CTX_LEN`]).
     fn lock_schedule(&mut self) {
         let p = self.schedule_ptr();
-        if !p.is_null() && self.schedule.is_none() {
+        if !p.is_null() {
             self.schedule = Some(mlock::lock(p, XTS_CTX_LEN));
         }
     }
 
     /// Encrypts or decrypts `total` bytes (whole sectors of `ss` bytes, sector i with tweak
     /// first + i) from `src` to `dst`, which are either the same buffer (in place) or do not
-    /// overlap. `dst` must be writable
-    /// and `src` readable for `total` bytes.
+    /// overlap. `dst` must be writable and `src` readable for `total` bytes.
     fn crypt_sectors(
         &mut self,
         dir: Direction,
