@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 
 use crate::keys::KeySpec;
+use crate::logging::LogFormat;
 use crate::nbd::handshake::TlsMode;
 
 #[derive(Debug, Parser)]
@@ -25,15 +26,6 @@ pub struct Cli {
     pub log_format: Option<LogFormat>,
     #[command(subcommand)]
     pub command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable on a terminal, JSON lines otherwise.
-    Auto,
-    Human,
-    Json,
 }
 
 #[derive(Debug, Subcommand)]

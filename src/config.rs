@@ -47,7 +47,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::cli::LogFormat;
+use crate::logging::LogFormat;
 use crate::nbd::handshake::TlsMode;
 use crate::server::{ListenAddr, SocketPerms};
 use crate::tls::TlsFiles;

@@ -12,7 +12,15 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
-use crate::cli::LogFormat;
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+/// How log lines are written.
+pub enum LogFormat {
+    /// Human-readable on a terminal, JSON lines otherwise.
+    Auto,
+    Human,
+    Json,
+}
 
 /// The default level when nothing sets one.
 pub const DEFAULT_LEVEL: &str = "info";
@@ -77,4 +85,17 @@ pub fn reload_level(config_level: Option<&str>) -> Result<LevelChange, String> {
 /// Checks that `level` is a valid filter (for config validation).
 pub fn validate_level(level: &str) -> Result<(), String> {
     EnvFilter::try_new(level).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// An error and its causes on one line, "outer: cause: cause", for log lines and the exit
+/// message.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }

@@ -1,8 +1,9 @@
 //! The `nbdcrypt` binary: parse, set up logging, run, print the error chain, exit.
 
 use clap::Parser;
-use nbdcrypt::cli::{Cli, Command, LogFormat};
+use nbdcrypt::cli::{Cli, Command};
 use nbdcrypt::config::Config;
+use nbdcrypt::logging::LogFormat;
 
 fn main() {
     let cli = Cli::parse();
@@ -22,7 +23,7 @@ fn main() {
     };
     let result = rt.block_on(nbdcrypt::commands::run(cli.command));
     if let Err(e) = result {
-        eprintln!("nbdcrypt: {}", nbdcrypt::server::error_chain(&e));
+        eprintln!("nbdcrypt: {}", nbdcrypt::logging::error_chain(&e));
         std::process::exit(e.exit_code());
     }
 }

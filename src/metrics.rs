@@ -184,7 +184,7 @@ impl ExportMetrics {
         errno: u32,
         err: &dyn std::error::Error,
     ) {
-        let error = crate::server::error_chain(err);
+        let error = crate::logging::error_chain(err);
         let command = COMMANDS[command_index(cmd)];
         // One line per failure: at warn when it is the server's fault and the budget allows,
         // at debug otherwise.

@@ -23,6 +23,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, watch, Semaphore};
 
+use crate::logging::error_chain;
 use crate::nbd::handshake::{self, Catalog, HandshakeError, Negotiated, Outcome, TlsState};
 use crate::nbd::transmission::{self, Limits};
 use crate::tls::TlsSetup;
@@ -378,18 +379,6 @@ where
         Err(e) => tracing::info!(%peer, %export, error = %error_chain(&e), "connection closed"),
     }
     exp.metrics().connection_closed(client);
-}
-
-/// "outer: cause: cause" for log lines.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

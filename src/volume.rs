@@ -188,7 +188,7 @@ pub fn check_binding(header: &Header, device_id: Option<&str>, strict: bool) -> 
 }
 
 fn key_error_text(e: &KeyError) -> String {
-    crate::server::error_chain(e)
+    crate::logging::error_chain(e)
 }
 
 /// Reads the header of `backend` and unlocks it.

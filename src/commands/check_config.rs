@@ -98,9 +98,9 @@ fn render(c: &Config) -> String {
     }
     let _ = writeln!(o, "\n[log]\nlevel = {}", q(c.log_level.as_deref().unwrap_or(crate::logging::DEFAULT_LEVEL)));
     let fmt = match c.log_format {
-        Some(crate::cli::LogFormat::Json) => "json",
-        Some(crate::cli::LogFormat::Human) => "human",
-        Some(crate::cli::LogFormat::Auto) | None => "auto",
+        Some(crate::logging::LogFormat::Json) => "json",
+        Some(crate::logging::LogFormat::Human) => "human",
+        Some(crate::logging::LogFormat::Auto) | None => "auto",
     };
     let _ = writeln!(o, "format = {}", q(fmt));
     for e in &c.exports {

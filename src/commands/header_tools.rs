@@ -92,7 +92,7 @@ fn restore(file: &Path, device: &Path, yes: bool) -> Result<(), CmdError> {
         Ok(l) => Some(l),
         Err(HeaderError::Io(e)) => return Err(CmdError::Header(HeaderError::Io(e))),
         Err(e) => {
-            tracing::warn!(error = %crate::server::error_chain(&e), "the device's header cannot be read; restoring over it");
+            tracing::warn!(error = %crate::logging::error_chain(&e), "the device's header cannot be read; restoring over it");
             None
         }
     };

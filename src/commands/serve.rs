@@ -127,7 +127,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
         tracing::info!(export = %s.cfg.name, io_errors = s.export.io_errors(), "export closing");
         if let Err(err) = s.export.flush() {
             failed = true;
-            tracing::error!(export = %s.cfg.name, error = %server::error_chain(&err), "final flush failed");
+            tracing::error!(export = %s.cfg.name, error = %logging::error_chain(&err), "final flush failed");
         }
     }
     if failed {
@@ -297,7 +297,7 @@ async fn reload(args: &ServeArgs, state: &mut Reloadable, daemon: &Arc<Daemon>) 
             c
         }
         Err(e) => {
-            tracing::error!(error = %server::error_chain(&e), "SIGHUP: config not reloaded, keeping the running one");
+            tracing::error!(error = %logging::error_chain(&e), "SIGHUP: config not reloaded, keeping the running one");
             notify_or_warn(&format!("READY=1\nSTATUS={}", daemon.status_line()));
             return;
         }
@@ -422,8 +422,8 @@ impl Daemon {
                 Ok(Ok(false)) => done.push(format!("{}: already suspended", s.cfg.name)),
                 Ok(Err(e)) => {
                     let message =
-                        format!("{}: suspended, but the flush failed: {}", s.cfg.name, server::error_chain(&e));
-                    tracing::error!(export = %s.cfg.name, error = %server::error_chain(&e), "flush at suspend failed");
+                        format!("{}: suspended, but the flush failed: {}", s.cfg.name, logging::error_chain(&e));
+                    tracing::error!(export = %s.cfg.name, error = %logging::error_chain(&e), "flush at suspend failed");
                     return ControlResponse::Error { message, exit_code: 1 };
                 }
                 Err(e) => return ControlResponse::Error { message: format!("suspend failed: {e}"), exit_code: 1 },
@@ -450,8 +450,8 @@ impl Daemon {
                 Ok(true) => done.push(format!("{}: resumed (slot {})", s.cfg.name, s.slot.load(Ordering::Relaxed))),
                 Ok(false) => done.push(format!("{}: not suspended", s.cfg.name)),
                 Err(e) => {
-                    tracing::warn!(export = %s.cfg.name, error = %server::error_chain(&e), "resume failed; the export stays suspended");
-                    let message = format!("{}: {}", s.cfg.name, server::error_chain(&e));
+                    tracing::warn!(export = %s.cfg.name, error = %logging::error_chain(&e), "resume failed; the export stays suspended");
+                    let message = format!("{}: {}", s.cfg.name, logging::error_chain(&e));
                     return ControlResponse::Error { message, exit_code: e.exit_code() };
                 }
             }

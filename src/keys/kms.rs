@@ -558,7 +558,7 @@ where
     if let Some(c) = credentials_error(&err) {
         return c;
     }
-    let detail = || crate::server::error_chain(&err);
+    let detail = || crate::logging::error_chain(&err);
     match &err {
         SdkError::ServiceError(ctx) => {
             let status = ctx.raw().status().as_u16();
@@ -586,7 +586,7 @@ fn credentials_error(err: &(dyn StdError + 'static)) -> Option<KmsError> {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(c) = e.downcast_ref::<CredentialsError>() {
-            let detail = crate::server::error_chain(c);
+            let detail = crate::logging::error_chain(c);
             return Some(match c {
                 CredentialsError::ProviderTimedOut(_) | CredentialsError::ProviderError(_) => {
                     KmsError::CredentialsUnavailable { detail }
