@@ -246,7 +246,7 @@ fn mapped_is_zero(m: Mapped<'_>) -> bool {
 /// suspend really freed them.
 static LIVE_CONTEXTS: AtomicUsize = AtomicUsize::new(0);
 
-/// The number of AWS-LC XTS contexts alive in this process (see [`LIVE_CONTEXTS`]).
+/// The number of AWS-LC XTS contexts alive in this process (see `LIVE_CONTEXTS`).
 pub fn live_contexts() -> usize {
     LIVE_CONTEXTS.load(Ordering::Relaxed)
 }

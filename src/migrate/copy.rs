@@ -69,7 +69,7 @@ const FLUSH_STEP: u64 = 64 << 20;
 /// Worker threads (one per core, at least two) each take the next 4 MiB chunk, read it (reads
 /// are serialised: an NBD source is one connection), encrypt it and write it at its own
 /// offset. The calling thread tracks the *watermark*, the end of the contiguous prefix of
-/// chunks written, and every [`FLUSH_STEP`] hands it to a flusher thread, which fdatasyncs
+/// chunks written, and every `FLUSH_STEP` hands it to a flusher thread, which fdatasyncs
 /// and, every `every` bytes, moves the header checkpoint to that watermark. A watermark is
 /// only sent after every write below it completed and is only recorded after a flush that
 /// began after that, so the checkpoint never claims more than is durable; copying goes on

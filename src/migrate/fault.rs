@@ -4,8 +4,8 @@
 //!   SIGKILLs itself just before its N-th write to the device, for the integration tests'
 //!   deterministic crash points (`NBDCRYPT_FAULT_KILL_AFTER_WRITES=N`).
 //! - `CrashBackend` (tests only): an in-memory device that stops at a chosen write and then
-//!   "crashes": with [`CrashMode::Clean`] every completed write survives (a killed process:
-//!   the page cache is kept), with [`CrashMode::PowerCut`] each write not yet flushed is kept,
+//!   "crashes": with `CrashMode::Clean` every completed write survives (a killed process:
+//!   the page cache is kept), with `CrashMode::PowerCut` each write not yet flushed is kept,
 //!   lost, or torn at 512-byte granularity (a power cut on a device that only promises that
 //!   flushed writes are durable and that 512-byte sectors are written atomically).
 

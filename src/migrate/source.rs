@@ -254,7 +254,7 @@ impl Source for NbdSource {
     }
 
     /// Splits the read into requests of at most the server's maximum block size, keeps up to
-    /// [`IN_FLIGHT`] of them outstanding, and places each reply by its cookie.
+    /// `IN_FLIGHT` of them outstanding, and places each reply by its cookie.
     fn read_at(&mut self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.size);
         if end.is_none() {
