@@ -136,16 +136,24 @@ impl ReadMapping {
     /// per MiB. `f` may still block on a page fault (the page was evicted meanwhile), which is
     /// rare enough for the connection tasks to read through it inline.
     pub fn read<R>(&self, offset: u64, len: usize, f: impl FnOnce(Mapped<'_>) -> R) -> Option<R> {
-        if self.poisoned() || !self.resident(offset, len) {
+        if self.poisoned() {
             return None;
         }
-        self.access(usize::try_from(offset).ok()?, len, f)
+        let start = self.cached_start(offset, len)?;
+        self.access(start, len, f)
     }
 
     /// Whether `[offset, offset + len)` is inside the mapping and all in the page cache.
     pub fn resident(&self, offset: u64, len: usize) -> bool {
-        let Ok(start) = usize::try_from(offset) else { return false };
-        start.checked_add(len).is_some_and(|end| end <= self.len && self.cached(start, end))
+        self.cached_start(offset, len).is_some()
+    }
+
+    /// `offset` as an index into the mapping, if `[offset, offset + len)` is inside it and all
+    /// in the page cache.
+    fn cached_start(&self, offset: u64, len: usize) -> Option<usize> {
+        let start = usize::try_from(offset).ok()?;
+        let end = start.checked_add(len)?;
+        (end <= self.len && self.cached(start, end)).then_some(start)
     }
 
     /// `f` on `[start, start + len)`, inside the mapping; `None` if it faulted meanwhile.
