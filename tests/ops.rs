@@ -561,13 +561,13 @@ fn kms_calls_are_counted_and_resume_unwraps_through_kms_again() {
     assert_eq!(d.stop(), 0);
 }
 
-/// The daemon's locked memory (`VmLck` in /proc/PID/status), in KiB.
 /// The page size in KiB (`VmLck` counts KiB, the daemon counts pages).
 fn page_kib() -> u64 {
     let out = std::process::Command::new("getconf").arg("PAGESIZE").output().unwrap();
     String::from_utf8(out.stdout).unwrap().trim().parse::<u64>().unwrap() / 1024
 }
 
+/// The daemon's locked memory (`VmLck` in /proc/PID/status), in KiB.
 fn vm_locked_kib(pid: u64) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
