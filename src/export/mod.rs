@@ -24,6 +24,10 @@ use crate::metrics::{ExportMetrics, Fault};
 use crate::nbd::proto;
 use crate::units::{ByteRange, SectorIndex, SectorSize};
 
+mod range_lock;
+
+use range_lock::{RangeGuard, RangeLocks};
+
 /// Largest request payload the export accepts (advertised as the NBD maximum block size).
 pub const MAX_REQUEST: u32 = 32 << 20;
 
@@ -668,73 +672,6 @@ struct FlushState {
     finished: u64,
     /// A flush has failed: no later flush may succeed.
     failed: bool,
-}
-
-/// Exclusive locks on byte ranges, for writers. A short critical section scans the (small)
-/// list of held ranges; a writer whose range overlaps one waits on the condvar. Releasing
-/// wakes waiters only if there are any (an uncontended lock costs two mutex round trips, no
-/// system call).
-#[derive(Debug, Default)]
-struct RangeLocks {
-    held: Mutex<Held>,
-    released: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct Held {
-    ranges: Vec<(u64, u64)>,
-    waiters: usize,
-}
-
-impl Held {
-    fn overlaps(&self, (start, end): (u64, u64)) -> bool {
-        self.ranges.iter().any(|&(s, e)| s < end && start < e)
-    }
-}
-
-struct RangeGuard<'a> {
-    locks: &'a RangeLocks,
-    range: (u64, u64),
-}
-
-impl RangeLocks {
-    fn lock(&self, r: ByteRange) -> RangeGuard<'_> {
-        let range = (r.offset, r.end());
-        // A poisoned lock only means another writer panicked; the list is still consistent.
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        while held.overlaps(range) {
-            held.waiters += 1;
-            held = self.released.wait(held).unwrap_or_else(|p| p.into_inner());
-            held.waiters -= 1;
-        }
-        held.ranges.push(range);
-        RangeGuard { locks: self, range }
-    }
-
-    /// The lock, if no other writer holds an overlapping range.
-    fn try_lock(&self, r: ByteRange) -> Option<RangeGuard<'_>> {
-        let range = (r.offset, r.end());
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if held.overlaps(range) {
-            return None;
-        }
-        held.ranges.push(range);
-        Some(RangeGuard { locks: self, range })
-    }
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.locks.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(i) = held.ranges.iter().position(|&r| r == self.range) {
-            held.ranges.swap_remove(i);
-        }
-        let waiters = held.waiters;
-        drop(held);
-        if waiters > 0 {
-            self.locks.released.notify_all();
-        }
-    }
 }
 
 #[cfg(test)]
