@@ -20,6 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::mapping::{Mapped, ReadMapping};
 use super::Backend;
@@ -51,6 +52,8 @@ pub struct FileBackend {
     is_block_device: bool,
     /// Buffered mode: the whole volume, mapped read-only (`None` if it could not be).
     map: Option<ReadMapping>,
+    /// The mapping's poisoning has been logged.
+    poison_reported: AtomicBool,
 }
 
 impl FileBackend {
@@ -87,7 +90,16 @@ impl FileBackend {
             (None, 1)
         };
         let map = if direct.is_none() { ReadMapping::new(&file, size) } else { None };
-        Ok(FileBackend { file, direct, align, path: path.to_owned(), size, is_block_device, map })
+        Ok(FileBackend {
+            file,
+            direct,
+            align,
+            path: path.to_owned(),
+            size,
+            is_block_device,
+            map,
+            poison_reported: AtomicBool::new(false),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -182,7 +194,18 @@ impl Backend for FileBackend {
     }
 
     fn read_mapped(&self, offset: u64, len: usize, f: &mut dyn FnMut(Mapped<'_>)) -> Option<()> {
-        self.map.as_ref()?.read(offset, len, f)
+        let map = self.map.as_ref()?;
+        let r = map.read(offset, len, f);
+        // Once poisoned, every read takes the pread path for the rest of the daemon's life:
+        // say so once, so a slower volume after an I/O error has an explanation in the log.
+        if r.is_none() && map.poisoned() && !self.poison_reported.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                volume = %self.path.display(),
+                "a read through the volume's mapping faulted (an I/O error, or the volume shrank); \
+                 reading with pread from now on"
+            );
+        }
+        r
     }
 
     fn alignment(&self) -> u64 {
