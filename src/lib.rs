@@ -33,7 +33,9 @@
 //!   [`metrics_http`] serves them.
 //! - [`control`]: the control socket protocol behind `status`, `suspend` and `resume` (the
 //!   suspend gate itself is [`crypto::CipherGate`], inside the export).
-//! - [`logging`]: tracing setup with a reloadable level; [`notify`]: systemd's `sd_notify`.
+//! - [`logging`]: tracing setup with a reloadable level, the log format, and
+//!   [`logging::error_chain`], how an error and its causes read in logs and on exit;
+//!   [`notify`]: systemd's `sd_notify`.
 
 pub mod backend;
 pub mod buf;
