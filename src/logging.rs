@@ -12,9 +12,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
+/// How log lines are written.
 #[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-/// How log lines are written.
 pub enum LogFormat {
     /// Human-readable on a terminal, JSON lines otherwise.
     Auto,
