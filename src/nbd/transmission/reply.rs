@@ -88,6 +88,14 @@ impl Entry {
     fn len(&self) -> usize {
         self.head().len() + self.data().len()
     }
+
+    /// The reply is written (or dropped): its share of the budget and its buffer go back.
+    fn release(self, pool: &mut BufPool, budget: &mut Budget) {
+        budget.release(self.cost);
+        if let Some((buf, _, _)) = self.data {
+            pool.put(buf);
+        }
+    }
 }
 
 fn fixed<const N: usize>(b: [u8; N]) -> Head {
@@ -217,10 +225,7 @@ impl Outbox {
             }
             self.written -= len;
             if let Some(e) = self.entries.pop_front() {
-                budget.release(e.cost);
-                if let Some((buf, _, _)) = e.data {
-                    pool.put(buf);
-                }
+                e.release(pool, budget);
             }
         }
     }
@@ -228,10 +233,7 @@ impl Outbox {
     /// Drops every queued reply (the client is gone), releasing what they hold.
     pub(super) fn discard(&mut self, pool: &mut BufPool, budget: &mut Budget) {
         for e in self.entries.drain(..) {
-            budget.release(e.cost);
-            if let Some((buf, _, _)) = e.data {
-                pool.put(buf);
-            }
+            e.release(pool, budget);
         }
         self.written = 0;
         self.queued = 0;
