@@ -697,6 +697,15 @@ mod tests {
         (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
     }
 
+    /// A writable export with 512-byte sectors whose data area is all of `backend` (a fault
+    /// backend, so a test can fail its writes and flushes or cut its power).
+    fn fault_export(backend: Arc<crate::backend::fault::FaultBackend>, key: &VolumeKey) -> Export {
+        let opts =
+            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: backend.size() };
+        Export::new(opts, geo, backend, SectorCipher::new(key, SectorSize::S512).unwrap())
+    }
+
     #[test]
     fn aligned_write_reads_back() {
         let (e, _) = export(SectorSize::S4096, 8);
@@ -856,11 +865,7 @@ mod tests {
     fn only_raw_volume_failures_are_counted() {
         use crate::backend::fault::{FaultBackend, FaultPlan};
         let fault = Arc::new(FaultBackend::new(vec![0u8; 16384], 512, 1));
-        let key = VolumeKey::generate().unwrap();
-        let opts =
-            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
-        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
-        let e = Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap());
+        let e = fault_export(fault.clone(), &VolumeKey::generate().unwrap());
         fault.set_faults(FaultPlan { write_eio: 1_000_000, ..Default::default() });
         let io = e.write(0, &mut vec![1; 512], false).unwrap_err();
         let range = e.write(1 << 20, &mut vec![1; 512], false).unwrap_err();
@@ -874,11 +879,7 @@ mod tests {
     fn a_failed_flush_fails_every_later_flush() {
         use crate::backend::fault::{FaultBackend, FaultPlan};
         let fault = Arc::new(FaultBackend::new(vec![0u8; 16384], 512, 1));
-        let key = VolumeKey::generate().unwrap();
-        let opts =
-            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
-        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
-        let e = Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap());
+        let e = fault_export(fault.clone(), &VolumeKey::generate().unwrap());
         e.write(0, &mut vec![1; 512], false).unwrap();
         fault.set_faults(FaultPlan { flush_eio: 1_000_000, ..Default::default() });
         assert_eq!(e.flush().unwrap_err().errno(), proto::EIO);
@@ -898,9 +899,6 @@ mod tests {
         const THREADS: u64 = 4;
         const WRITES: u64 = 60;
         let size = (THREADS * WRITES * 512) as usize;
-        let opts =
-            || ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
-        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: size as u64 };
         for seed in 0..20 {
             let key = VolumeKey::generate().unwrap();
             let fault = Arc::new(FaultBackend::new(vec![0u8; size], 512, seed));
@@ -910,8 +908,7 @@ mod tests {
                 flush_us: 300,
                 ..Default::default()
             });
-            let e =
-                Arc::new(Export::new(opts(), geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap()));
+            let e = Arc::new(fault_export(fault.clone(), &key));
             let clock = Arc::new(AtomicU64::new(0));
             let threads: Vec<_> = (0..THREADS)
                 .map(|t| {
@@ -932,12 +929,7 @@ mod tests {
                 .collect();
             let log: Vec<_> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
             let image = fault.power_cut(CutMode::DropAll);
-            let after = Export::new(
-                opts(),
-                geo,
-                Arc::new(FaultBackend::new(image, 512, 0)),
-                SectorCipher::new(&key, SectorSize::S512).unwrap(),
-            );
+            let after = fault_export(Arc::new(FaultBackend::new(image, 512, 0)), &key);
             let last_ok_flush = log.iter().filter(|l| l.3).map(|l| l.2).max();
             for &(sector, acked, _, _) in &log {
                 if last_ok_flush.is_some_and(|f| acked < f) {
@@ -954,11 +946,7 @@ mod tests {
         use crate::backend::fault::{FaultBackend, FaultPlan};
         let fault = Arc::new(FaultBackend::new(vec![0u8; 16384], 512, 1));
         fault.set_faults(FaultPlan { flush_us: 3000, ..Default::default() });
-        let key = VolumeKey::generate().unwrap();
-        let opts =
-            ExportOptions { name: "f".into(), description: String::new(), read_only: false, allow_discards: false };
-        let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 16384 };
-        let e = Arc::new(Export::new(opts, geo, fault.clone(), SectorCipher::new(&key, SectorSize::S512).unwrap()));
+        let e = Arc::new(fault_export(fault.clone(), &VolumeKey::generate().unwrap()));
         let threads: Vec<_> = (0..8)
             .map(|_| {
                 let e = e.clone();
