@@ -18,10 +18,10 @@ Signals (serve): SIGTERM/SIGINT drain and exit 0; SIGHUP re-reads the config fil
 )]
 pub struct Cli {
     /// Log filter (error, warn, info, debug, trace, or a tracing filter) [default: the config
-    /// file's [log] level, else info]. RUST_LOG overrides it.
+    /// file's `[log]` level, else info]. RUST_LOG overrides it.
     #[arg(long, global = true, env = "NBDCRYPT_LOG")]
     pub log_level: Option<String>,
-    /// Log output format [default: the config file's [log] format, else auto].
+    /// Log output format [default: the config file's `[log]` format, else auto].
     #[arg(long, global = true, value_enum)]
     pub log_format: Option<LogFormat>,
     #[command(subcommand)]
@@ -416,8 +416,8 @@ fn path_or_empty(s: &str) -> Result<PathBuf, String> {
 
 #[derive(Debug, Args)]
 pub struct MigrateArgs {
-    /// The plaintext source: a block device, a file, or nbd://host[:port]/export,
-    /// nbd+unix:///export?socket=PATH.
+    /// The plaintext source: a block device, a file, or `nbd://host[:port]/export`,
+    /// `nbd+unix:///export?socket=PATH`.
     #[arg(long)]
     pub from: String,
     /// The target raw volume (formatted unless it already is this migration's target).

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian/Ubuntu machine with a Rust toolchain:
-# installs what the tests need (apt + pip), then runs formatting and lint checks, the unit
-# and integration tests (real NBD clients against the real daemon), and the bounded fuzz runs.
+# installs what the tests need (apt + pip), then runs formatting, lint and doc-link checks,
+# the unit and integration tests (real NBD clients against the real daemon), and the bounded
+# fuzz runs.
 # The short reliability suite (tests/reliability.rs: 20 crash rounds per mode, fault
 # injection, key hygiene, a 1-minute soak; ~2 minutes) is part of `cargo test`; the long one
 # is tests/long.sh.
@@ -85,6 +86,9 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --all-targets --quiet -- -D warnings
+log "cargo doc"
+# Broken intra-doc links fail too: a doc comment that names a moved item is wrong.
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet
 log "cargo test"
 # Integration tests start daemons and real clients; two at a time fit two cores.
 cargo test --all-targets -- --test-threads="${TEST_THREADS:-2}"
