@@ -13,6 +13,8 @@
 //! - [`tls`]: TLS credentials (rustls on AWS-LC) for `NBD_OPT_STARTTLS` on TCP listeners.
 //! - [`export`]: one served volume: geometry, the sector cipher, read-modify-write for I/O that
 //!   is not sector-aligned, and the one place where failures become NBD errnos.
+//! - [`errno`]: the NBD error values, below the protocol module because the export maps its
+//!   failures to them and the metrics count them.
 //! - [`backend`]: the raw volume (file or block device, buffered or `O_DIRECT`) behind a
 //!   narrow trait, plus an in-memory fake for tests.
 //! - [`buf`]: page-aligned I/O buffers and the per-connection pool that recycles them.
@@ -44,6 +46,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod crypto;
+pub mod errno;
 pub mod export;
 pub mod hardening;
 pub mod header;

@@ -18,23 +18,30 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::nbd::codec::Command;
-use crate::nbd::proto;
+use crate::errno;
 
-/// Commands counted separately; anything else is `other`.
+/// What a request asked for, as counted: the NBD commands that move or describe data, and
+/// `Other` for the rest (the protocol layer maps its commands onto these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read,
+    Write,
+    Flush,
+    Trim,
+    WriteZeroes,
+    Cache,
+    Other,
+}
+
+impl Op {
+    /// The label value, and the position in [`COMMANDS`].
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Label values of [`Op`], in its order.
 pub const COMMANDS: [&str; 7] = ["read", "write", "flush", "trim", "write_zeroes", "cache", "other"];
-
-/// NBD errnos counted separately (the spec's whole list); anything else is `other`.
-pub const ERRNOS: [(u32, &str); 8] = [
-    (proto::EPERM, "EPERM"),
-    (proto::EIO, "EIO"),
-    (proto::ENOMEM, "ENOMEM"),
-    (proto::EINVAL, "EINVAL"),
-    (proto::ENOSPC, "ENOSPC"),
-    (proto::EOVERFLOW, "EOVERFLOW"),
-    (proto::ENOTSUP, "ENOTSUP"),
-    (proto::ESHUTDOWN, "ESHUTDOWN"),
-];
 
 /// Latency histogram bucket upper bounds, in microseconds (50 µs to 10 s).
 pub const BUCKETS_US: [u64; 16] = [
@@ -46,27 +53,6 @@ pub const BUCKETS_US: [u64; 16] = [
 pub const WARN_BURST: u32 = 10;
 /// The rate-limit window.
 pub const WARN_WINDOW: Duration = Duration::from_secs(60);
-
-fn command_index(cmd: Command) -> usize {
-    match cmd {
-        Command::Read => 0,
-        Command::Write => 1,
-        Command::Flush => 2,
-        Command::Trim => 3,
-        Command::WriteZeroes => 4,
-        Command::Cache => 5,
-        Command::Disc | Command::BlockStatus | Command::Resize | Command::Unknown(_) => 6,
-    }
-}
-
-fn errno_index(errno: u32) -> usize {
-    ERRNOS.iter().position(|&(n, _)| n == errno).unwrap_or(ERRNOS.len())
-}
-
-/// The name of an NBD errno (`EIO`), or `other`.
-pub fn errno_name(errno: u32) -> &'static str {
-    ERRNOS.get(errno_index(errno)).map(|&(_, n)| n).unwrap_or("other")
-}
 
 /// A latency histogram: per-bucket (non-cumulative) counts, a count and a sum.
 #[derive(Debug, Default)]
@@ -113,7 +99,7 @@ pub struct ExportMetrics {
     requests: [AtomicU64; COMMANDS.len()],
     bytes: [AtomicU64; COMMANDS.len()],
     latency: [Histogram; COMMANDS.len()],
-    errors: [AtomicU64; ERRNOS.len() + 1],
+    errors: [AtomicU64; errno::ALL.len() + 1],
     in_flight: AtomicI64,
     connections: AtomicI64,
     connections_total: AtomicU64,
@@ -159,13 +145,13 @@ impl ExportMetrics {
     /// A request's reply status is decided: count it (by command, and errno if it failed), its
     /// bytes if it succeeded (payload for read and write, the range for the others), and its
     /// latency since `started`.
-    pub fn request_done(&self, cmd: Command, len: u64, errno: u32, started: Instant) {
-        let c = command_index(cmd);
+    pub fn request_done(&self, op: Op, len: u64, errno: u32, started: Instant) {
+        let c = op.index();
         self.requests[c].fetch_add(1, Ordering::Relaxed);
         if errno == 0 {
             self.bytes[c].fetch_add(len, Ordering::Relaxed);
         } else {
-            self.errors[errno_index(errno)].fetch_add(1, Ordering::Relaxed);
+            self.errors[errno::index(errno)].fetch_add(1, Ordering::Relaxed);
         }
         self.latency[c].observe(started.elapsed());
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
@@ -177,7 +163,7 @@ impl ExportMetrics {
     pub fn log_failure(
         &self,
         export: &str,
-        cmd: Command,
+        op: Op,
         offset: u64,
         len: u64,
         fault: Fault,
@@ -185,7 +171,7 @@ impl ExportMetrics {
         err: &dyn std::error::Error,
     ) {
         let error = crate::logging::error_chain(err);
-        let command = COMMANDS[command_index(cmd)];
+        let command = COMMANDS[op.index()];
         // One line per failure: at warn when it is the server's fault and the budget allows,
         // at debug otherwise.
         if fault == Fault::Client {
@@ -248,7 +234,7 @@ impl ExportMetrics {
         ExportCounters {
             requests: COMMANDS.iter().zip(&self.requests).map(|(c, n)| ((*c).to_owned(), load(n))).collect(),
             bytes: COMMANDS.iter().zip(&self.bytes).map(|(c, n)| ((*c).to_owned(), load(n))).collect(),
-            errors: ERRNOS
+            errors: errno::ALL
                 .iter()
                 .map(|&(_, n)| n)
                 .chain(["other"])
@@ -428,7 +414,7 @@ pub fn encode(exports: &[ExportView<'_>], process: ProcessView) -> String {
         "counter",
         "Requests that failed, by NBD errno.",
         &|o, e, l| {
-            for (name, n) in ERRNOS.iter().map(|&(_, n)| n).chain(["other"]).zip(&e.metrics.errors) {
+            for (name, n) in errno::ALL.iter().map(|&(_, n)| n).chain(["other"]).zip(&e.metrics.errors) {
                 let _ = writeln!(o, "nbdcrypt_request_errors_total{{{l},errno=\"{name}\"}} {}", load(n));
             }
         },
@@ -530,7 +516,7 @@ mod tests {
     fn a_failed_request_counts_its_errno_and_no_bytes() {
         let m = ExportMetrics::default();
         m.request_started();
-        m.request_done(Command::Write, 4096, proto::ENOSPC, Instant::now());
+        m.request_done(Op::Write, 4096, errno::ENOSPC, Instant::now());
         let s = m.snapshot();
         assert_eq!(s.requests["write"], 1);
         assert_eq!(s.bytes["write"], 0);
@@ -573,8 +559,9 @@ mod tests {
     }
 
     #[test]
-    fn errno_names_cover_the_spec_list() {
-        assert_eq!(errno_name(proto::EIO), "EIO");
-        assert_eq!(errno_name(999), "other");
+    fn every_op_has_its_own_label() {
+        let ops = [Op::Read, Op::Write, Op::Flush, Op::Trim, Op::WriteZeroes, Op::Cache, Op::Other];
+        let labels: Vec<_> = ops.iter().map(|o| COMMANDS[o.index()]).collect();
+        assert_eq!(labels, COMMANDS);
     }
 }

@@ -20,8 +20,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use crate::backend::Backend;
 use crate::buf::AlignedBuf;
 use crate::crypto::{CipherError, CipherGate, GateError, GateState, SectorCipher};
+use crate::errno;
 use crate::metrics::{ExportMetrics, Fault};
-use crate::nbd::proto;
 use crate::units::{ByteRange, SectorIndex, SectorSize};
 
 mod range_lock;
@@ -97,17 +97,17 @@ impl ExportError {
     /// The NBD error code for the reply. Exhaustive on purpose: a new variant must pick one.
     pub fn errno(&self) -> u32 {
         match self {
-            ExportError::ReadOutOfRange { .. } => proto::EINVAL,
-            ExportError::WriteOutOfRange { .. } => proto::ENOSPC,
-            ExportError::TrimOutOfRange { .. } => proto::EINVAL,
-            ExportError::ReadOnly => proto::EPERM,
-            ExportError::TooLarge { .. } => proto::EINVAL,
-            ExportError::NotSupported(_) => proto::ENOTSUP,
-            ExportError::NoSpace(_) => proto::ENOSPC,
-            ExportError::Io(_) => proto::EIO,
-            ExportError::Cipher(_) => proto::EIO,
-            ExportError::ShuttingDown => proto::ESHUTDOWN,
-            ExportError::FlushFailedEarlier => proto::EIO,
+            ExportError::ReadOutOfRange { .. } => errno::EINVAL,
+            ExportError::WriteOutOfRange { .. } => errno::ENOSPC,
+            ExportError::TrimOutOfRange { .. } => errno::EINVAL,
+            ExportError::ReadOnly => errno::EPERM,
+            ExportError::TooLarge { .. } => errno::EINVAL,
+            ExportError::NotSupported(_) => errno::ENOTSUP,
+            ExportError::NoSpace(_) => errno::ENOSPC,
+            ExportError::Io(_) => errno::EIO,
+            ExportError::Cipher(_) => errno::EIO,
+            ExportError::ShuttingDown => errno::ESHUTDOWN,
+            ExportError::FlushFailedEarlier => errno::EIO,
         }
     }
 
@@ -836,18 +836,18 @@ mod tests {
     fn fast_zero_is_refused() {
         let (e, _) = export(SectorSize::S4096, 2);
         let err = e.write_zeroes(0, 4096, false, true).unwrap_err();
-        assert_eq!(err.errno(), proto::ENOTSUP);
+        assert_eq!(err.errno(), errno::ENOTSUP);
     }
 
     #[test]
     fn out_of_range_errnos_follow_the_spec() {
         let (e, _) = export(SectorSize::S512, 4);
         let mut buf = vec![0u8; 512];
-        assert_eq!(e.read(2048, &mut buf).unwrap_err().errno(), proto::EINVAL);
-        assert_eq!(e.write(2048, &mut vec![0; 512], false).unwrap_err().errno(), proto::ENOSPC);
-        assert_eq!(e.write_zeroes(u64::MAX, 2, false, false).unwrap_err().errno(), proto::ENOSPC);
-        assert_eq!(e.validate_read(u64::MAX, 1).unwrap_err().errno(), proto::EINVAL);
-        assert_eq!(e.trim(2048, 512, false).unwrap_err().errno(), proto::EINVAL);
+        assert_eq!(e.read(2048, &mut buf).unwrap_err().errno(), errno::EINVAL);
+        assert_eq!(e.write(2048, &mut vec![0; 512], false).unwrap_err().errno(), errno::ENOSPC);
+        assert_eq!(e.write_zeroes(u64::MAX, 2, false, false).unwrap_err().errno(), errno::ENOSPC);
+        assert_eq!(e.validate_read(u64::MAX, 1).unwrap_err().errno(), errno::EINVAL);
+        assert_eq!(e.trim(2048, 512, false).unwrap_err().errno(), errno::EINVAL);
     }
 
     #[test]
@@ -858,7 +858,7 @@ mod tests {
             ExportOptions { name: "r".into(), description: String::new(), read_only: true, allow_discards: false };
         let geo = Geometry { sector_size: SectorSize::S512, data_offset: 0, data_size: 1 << 16 };
         let e = Export::new(opts, geo, mem, SectorCipher::new(&key, SectorSize::S512).unwrap());
-        assert_eq!(e.write(0, &mut vec![0; 512], false).unwrap_err().errno(), proto::EPERM);
+        assert_eq!(e.write(0, &mut vec![0; 512], false).unwrap_err().errno(), errno::EPERM);
     }
 
     #[test]
@@ -871,7 +871,7 @@ mod tests {
         let range = e.write(1 << 20, &mut vec![1; 512], false).unwrap_err();
         e.record_error(&io);
         e.record_error(&range);
-        assert_eq!((io.errno(), range.errno()), (proto::EIO, proto::ENOSPC));
+        assert_eq!((io.errno(), range.errno()), (errno::EIO, errno::ENOSPC));
         assert_eq!(e.io_errors(), 1);
     }
 
@@ -882,11 +882,11 @@ mod tests {
         let e = fault_export(fault.clone(), &VolumeKey::generate().unwrap());
         e.write(0, &mut vec![1; 512], false).unwrap();
         fault.set_faults(FaultPlan { flush_eio: 1_000_000, ..Default::default() });
-        assert_eq!(e.flush().unwrap_err().errno(), proto::EIO);
+        assert_eq!(e.flush().unwrap_err().errno(), errno::EIO);
         // The disk works again, but the write above was lost with the failed flush.
         fault.set_faults(FaultPlan::default());
         assert!(matches!(e.flush(), Err(ExportError::FlushFailedEarlier)));
-        assert_eq!(e.write(512, &mut vec![2; 512], true).unwrap_err().errno(), proto::EIO, "FUA flushes too");
+        assert_eq!(e.write(512, &mut vec![2; 512], true).unwrap_err().errno(), errno::EIO, "FUA flushes too");
         assert!(fault.durable_image()[..512].iter().all(|&b| b == 0));
     }
 

@@ -208,26 +208,11 @@ pub const REPLY_TYPE_ERROR: u16 = REPLY_TYPE_FLAG_ERROR | 0x0001;
 pub const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_FLAG_ERROR | 0x0002;
 
 // ---------------------------------------------------------------------------------------------
-// Error values (32 bits) of simple replies and error chunks; the spec fixes these numbers, they
-// are not the host's errno values.
+// Error values (32 bits) of simple replies and error chunks: defined in `crate::errno`, below
+// this module, because the export and the metrics name them too.
 // ---------------------------------------------------------------------------------------------
 
-/// Operation not permitted (a write to a read-only export).
-pub const EPERM: u32 = 1;
-/// Input/output error.
-pub const EIO: u32 = 5;
-/// Cannot allocate memory; servers should avoid it.
-pub const ENOMEM: u32 = 12;
-/// Invalid argument (unknown command or flag, a read out of range).
-pub const EINVAL: u32 = 22;
-/// No space left on device (a write past the end of the export).
-pub const ENOSPC: u32 = 28;
-/// Value too large (a `NBD_CMD_FLAG_DF` read that cannot fit one chunk).
-pub const EOVERFLOW: u32 = 75;
-/// Operation not supported (`NBD_CMD_FLAG_FAST_ZERO` when zeroing is not fast).
-pub const ENOTSUP: u32 = 95;
-/// The server is shutting down.
-pub const ESHUTDOWN: u32 = 108;
+pub use crate::errno::{EINVAL, EIO, ENOMEM, ENOSPC, ENOTSUP, EOVERFLOW, EPERM, ESHUTDOWN};
 
 // ---------------------------------------------------------------------------------------------
 // Limits

@@ -49,6 +49,7 @@ use super::handshake::Negotiated;
 use super::proto;
 use crate::buf::{self, AlignedBuf, BufPool};
 use crate::export::{Export, ExportError, ReadPlan, MAX_REQUEST};
+use crate::metrics::Op;
 
 mod reply;
 
@@ -696,12 +697,25 @@ fn account(export: &Export, req: &InFlight, body: &Body) {
         Body::Ok | Body::Data { .. } => 0,
         Body::Err(e) => {
             export.record_error(e);
-            m.log_failure(export.name(), r.command, r.offset, r.len, e.fault(), e.errno(), e);
+            m.log_failure(export.name(), metrics_op(r.command), r.offset, r.len, e.fault(), e.errno(), e);
             e.errno()
         }
         Body::Errno(n, _) => *n,
     };
-    m.request_done(r.command, r.len, errno, req.started);
+    m.request_done(metrics_op(r.command), r.len, errno, req.started);
+}
+
+/// How the metrics count a command.
+fn metrics_op(cmd: Command) -> Op {
+    match cmd {
+        Command::Read => Op::Read,
+        Command::Write => Op::Write,
+        Command::Flush => Op::Flush,
+        Command::Trim => Op::Trim,
+        Command::WriteZeroes => Op::WriteZeroes,
+        Command::Cache => Op::Cache,
+        Command::Disc | Command::BlockStatus | Command::Resize | Command::Unknown(_) => Op::Other,
+    }
 }
 
 /// Flags each command may carry; anything else gets EINVAL. FUA is accepted on every
