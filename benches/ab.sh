@@ -12,15 +12,21 @@
 #   with the job anchors.sh preconditions with (fio 1 MiB QD8, whole device).
 # - Writeback of the previous job's dirty pages runs during the next job: `sync` before each.
 # - Order: rounds alternate A B K and K B A.
+# - Other load: before each run it waits (up to IDLE_MAX_WAIT s) until the machine is at least
+#   WAIT_IDLE % idle over a second; a run that started anyway is marked "busy" in its round.
+#   A fuzzer left running on one core once made a client wait 2-4x longer on one server than
+#   on the other, a difference a quiet machine did not show.
 # Prints each round and the median of NEW/OLD and of each build against nbdkit-raw. The same
 # build against itself gave NEW/OLD 0.99-1.11 (median 1.03-1.06): smaller differences are noise.
 #
 # Env: JOBS="read write" BS=1M QD=8 RUNTIME=6 ROUNDS=4 TRANSPORT=tcp|unix SECTOR=4096
+#      WAIT_IDLE=80 IDLE_MAX_WAIT=60 (WAIT_IDLE=0: do not wait)
 set -Eeuo pipefail
 [[ $# == 2 ]] || { echo "usage: $0 OLD_BINARY NEW_BINARY" >&2; exit 2; }
 OLD=$(realpath "$1") NEW=$(realpath "$2")
 JOBS=${JOBS:-"read write"} BS=${BS:-1M} QD=${QD:-8} RUNTIME=${RUNTIME:-6} ROUNDS=${ROUNDS:-4}
 TRANSPORT=${TRANSPORT:-tcp} SECTOR=${SECTOR:-4096}
+WAIT_IDLE=${WAIT_IDLE:-80} IDLE_MAX_WAIT=${IDLE_MAX_WAIT:-60}
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ab.XXXXXX")
 PIDS=()
@@ -67,8 +73,27 @@ for n in A B K; do
     fio --name=pre --ioengine=nbd --uri="${URI[$n]}" --rw=write --bs=1M --iodepth=8 --size=100% >/dev/null 2>&1
 done
 
+cpu_ticks() { # -> total idle (jiffies, from the first line of /proc/stat)
+    awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6; exit}' /proc/stat
+}
+BUSY=""
+wait_idle() { # sets BUSY to " busy(N% idle)" if the machine did not become idle in time
+    local t0 i0 t1 i1 idle waited=0
+    BUSY=""
+    ((WAIT_IDLE > 0)) || return 0
+    while :; do
+        read -r t0 i0 < <(cpu_ticks); sleep 1; read -r t1 i1 < <(cpu_ticks)
+        idle=$(((i1 - i0) * 100 / (t1 - t0 > 0 ? t1 - t0 : 1)))
+        ((idle >= WAIT_IDLE)) && return 0
+        if ((waited >= IDLE_MAX_WAIT)); then BUSY=" busy(${idle}% idle)"; return 0; fi
+        waited=$((waited + 1))
+    done
+}
+
 run() { # NAME JOB -> bytes/s
     sync
+    wait_idle
+    [[ -z $BUSY ]] || echo "$1$BUSY" >>"$WORK/busy"
     fio --name=j --ioengine=nbd --uri="${URI[$1]}" --rw="$2" --bs="$BS" --iodepth="$QD" --time_based \
         --runtime="$RUNTIME" --ramp_time=1 --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1
     jq '.jobs[0].read.bw_bytes + .jobs[0].write.bw_bytes' "$WORK/fio.json"
@@ -82,10 +107,12 @@ for job in $JOBS; do
     for ((r = 1; r <= ROUNDS; r++)); do
         order="A B K"; ((r % 2 == 0)) && order="K B A"
         declare -A bw=()
+        : >"$WORK/busy"
         for n in $order; do bw[$n]=$(run "$n" "$job"); done
-        printf '%s r%d: old %d MB/s  new %d  nbdkit-raw %d   new/old %s  old/raw %s  new/raw %s\n' "$job" "$r" \
+        printf '%s r%d: old %d MB/s  new %d  nbdkit-raw %d   new/old %s  old/raw %s  new/raw %s%s\n' "$job" "$r" \
             $((bw[A] / 1000000)) $((bw[B] / 1000000)) $((bw[K] / 1000000)) \
-            "$(ratio "${bw[B]}" "${bw[A]}")" "$(ratio "${bw[A]}" "${bw[K]}")" "$(ratio "${bw[B]}" "${bw[K]}")"
+            "$(ratio "${bw[B]}" "${bw[A]}")" "$(ratio "${bw[A]}" "${bw[K]}")" "$(ratio "${bw[B]}" "${bw[K]}")" \
+            "$(paste -sd ' ' "$WORK/busy" | sed 's/^./  &/')"
         ratio "${bw[B]}" "${bw[A]}" >>"$WORK/r.new_old"
         ratio "${bw[A]}" "${bw[K]}" >>"$WORK/r.old_raw"
         ratio "${bw[B]}" "${bw[K]}" >>"$WORK/r.new_raw"
