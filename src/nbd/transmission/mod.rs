@@ -51,8 +51,10 @@ use crate::buf::{self, AlignedBuf, BufPool};
 use crate::export::{Export, ExportError, ReadPlan, MAX_REQUEST};
 use crate::metrics::Op;
 
+mod inbuf;
 mod reply;
 
+use inbuf::InBuf;
 use reply::{Body, Outbox};
 
 /// Per-connection limits.
@@ -303,7 +305,7 @@ where
                             }
                         }
                     } else {
-                        inbuf.end += n;
+                        inbuf.filled(n);
                     }
                 }
                 Err(e) => {
@@ -331,46 +333,6 @@ async fn read_some<R: AsyncRead + Unpin>(
             inbuf.compact();
             reader.read(inbuf.spare()).await
         }
-    }
-}
-
-/// The input buffer: `buf[start..end]` holds received bytes not yet consumed.
-struct InBuf {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
-}
-
-impl InBuf {
-    fn new(size: usize) -> InBuf {
-        InBuf { buf: vec![0u8; size].into_boxed_slice(), start: 0, end: 0 }
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        }
-    }
-
-    /// Moves unconsumed bytes to the front when the free tail is too short for a gathered
-    /// request (header plus up to [`GATHER_MAX`] payload).
-    fn compact(&mut self) {
-        if self.start > 0 && self.buf.len() - self.start < EXTENDED_REQUEST_LEN + GATHER_MAX {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-    }
-
-    /// The free tail; never empty after [`InBuf::compact`] while waiting for a request.
-    fn spare(&mut self) -> &mut [u8] {
-        &mut self.buf[self.end..]
     }
 }
 
@@ -543,8 +505,7 @@ impl Conn {
                 continue;
             }
             if gathered {
-                let start = inbuf.start;
-                self.run_write(req, WriteData::InBuf(&mut inbuf.buf[start..start + len]));
+                self.run_write(req, WriteData::InBuf(&mut inbuf.data_mut()[..len]));
                 inbuf.consume(len);
                 continue;
             }
