@@ -59,7 +59,8 @@ install_deps() {
 
 # Bounded fuzz runs: each target from its committed corpus (fuzz/corpus/<t>, read-only here)
 # and seeds; new inputs go to a scratch dir, so the checkout is not modified. Stable toolchain:
-# RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z sanitizer flags.
+# RUSTC_BOOTSTRAP lets cargo-fuzz pass its -Z sanitizer flags. -a builds with debug assertions,
+# so arithmetic that overflows on hostile input fails here instead of wrapping silently.
 run_fuzz() {
     local secs=${FUZZ_SECONDS:-20} t scratch
     ((secs > 0)) || return 0
@@ -71,7 +72,7 @@ run_fuzz() {
         local dirs=("$scratch/$t")
         [[ -d fuzz/corpus/$t ]] && dirs+=("corpus/$t")
         [[ -d fuzz/seeds/$t ]] && dirs+=("seeds/$t")
-        if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run "$t" "${dirs[@]}" -- \
+        if ! (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run -a "$t" "${dirs[@]}" -- \
             -max_total_time="$secs" -max_len=16384 -print_final_stats=1 >"$scratch/$t.log" 2>&1); then
             cat "$scratch/$t.log"
             log "fuzz $t found a failure (input saved under fuzz/artifacts/$t)"
