@@ -654,16 +654,17 @@ impl Conn {
 fn account(export: &Export, req: &InFlight, body: &Body) {
     let m = export.metrics();
     let r = &req.req;
+    let op = metrics_op(r.command);
     let errno = match body {
         Body::Ok | Body::Data { .. } => 0,
         Body::Err(e) => {
             export.record_error(e);
-            m.log_failure(export.name(), metrics_op(r.command), r.offset, r.len, e.fault(), e.errno(), e);
+            m.log_failure(export.name(), op, r.offset, r.len, e.fault(), e.errno(), e);
             e.errno()
         }
         Body::Errno(n, _) => *n,
     };
-    m.request_done(metrics_op(r.command), r.len, errno, req.started);
+    m.request_done(op, r.len, errno, req.started);
 }
 
 /// How the metrics count a command.
