@@ -90,25 +90,17 @@ mod tests {
 
     #[test]
     fn compact_moves_the_rest_only_when_a_gathered_request_would_not_fit() {
-        let mut b = InBuf::new(SIZE);
-        let head = vec![7u8; 64 << 10];
-        fill(&mut b, &head);
-        fill(&mut b, &[1, 2, 3]);
-        b.consume(head.len());
-        // 192 KiB free behind the rest: a header and 128 KiB fit, nothing moves.
-        b.compact();
-        assert_eq!(b.data(), &[1, 2, 3]);
-        assert_eq!(b.spare().len(), SIZE - head.len() - 3);
-
-        let mut b = InBuf::new(SIZE);
-        let head = vec![7u8; 200 << 10];
-        fill(&mut b, &head);
-        fill(&mut b, &[1, 2, 3]);
-        b.consume(head.len());
-        // 56 KiB free: the rest moves to the front.
-        b.compact();
-        assert_eq!(b.data(), &[1, 2, 3]);
-        assert_eq!(b.spare().len(), SIZE - 3);
+        // (bytes consumed before the rest, free tail expected after compact): with 192 KiB
+        // behind the rest a header and 128 KiB fit and nothing moves; with 56 KiB it moves.
+        for (consumed, spare) in [(64 << 10, SIZE - (64 << 10) - 3), (200 << 10, SIZE - 3)] {
+            let mut b = InBuf::new(SIZE);
+            fill(&mut b, &vec![7u8; consumed]);
+            fill(&mut b, &[1, 2, 3]);
+            b.consume(consumed);
+            b.compact();
+            assert_eq!(b.data(), &[1, 2, 3]);
+            assert_eq!(b.spare().len(), spare, "after consuming {consumed}");
+        }
     }
 
     #[test]
