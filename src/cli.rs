@@ -172,6 +172,9 @@ pub struct BenchmarkArgs {
     /// Open the temporary file with O_DIRECT (see `serve --direct`).
     #[arg(long)]
     pub direct: bool,
+    /// Read the temporary file with pread only (see `serve --no-map`).
+    #[arg(long)]
+    pub no_map: bool,
 }
 
 /// How a client command finds the daemon's control socket.
@@ -362,6 +365,12 @@ pub struct ServeArgs {
     /// block devices, whose data the client caches already.
     #[arg(long)]
     pub direct: bool,
+    /// Read the raw volume with pread only, never through a read-only mapping of it. The
+    /// mapping (the default in buffered mode) makes reads of cached data about 10% faster;
+    /// without it the volume's pages never count in the daemon's RSS, and an I/O error can
+    /// never reach the daemon as a fault (SIGBUS). No effect with --direct.
+    #[arg(long)]
+    pub no_map: bool,
     /// TLS on TCP listeners: off, optional (the client's choice) or require. Default: require
     /// when --tls-cert is given, off otherwise.
     #[arg(long, value_parser = parse_tls, conflicts_with = "config")]

@@ -33,6 +33,7 @@
 //! read_only = false
 //! allow_discards = false
 //! direct = false                    # O_DIRECT on the raw volume (qemu cache=none)
+//! map = true                        # read cached ranges through a mapping of the raw volume
 //! description = "demo volume"
 //! # Clone awareness: the device's cloud volume id (default: from the EBS NVMe serial), and
 //! # whether a header bound to another volume is refused rather than only warned about.
@@ -47,6 +48,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::backend::Caching;
 use crate::logging::LogFormat;
 use crate::nbd::handshake::TlsMode;
 use crate::server::{ListenAddr, SocketPerms};
@@ -188,6 +190,8 @@ struct RawExport {
     allow_discards: bool,
     #[serde(default)]
     direct: bool,
+    #[serde(default = "default_map")]
+    map: bool,
     #[serde(default)]
     description: String,
     #[serde(default)]
@@ -208,6 +212,10 @@ struct RawCreate {
 
 fn default_sector() -> u32 {
     4096
+}
+
+fn default_map() -> bool {
+    true
 }
 
 /// The validated configuration.
@@ -304,8 +312,9 @@ pub struct ExportConfig {
     pub kek_files: Vec<PathBuf>,
     pub read_only: bool,
     pub allow_discards: bool,
-    /// Bypass the page cache on the raw volume (`O_DIRECT`).
-    pub direct: bool,
+    /// How the data path reaches the raw volume: `direct = true` is [`Caching::Direct`], else
+    /// `map = false` is [`Caching::Buffered`].
+    pub caching: Caching,
     pub description: String,
     pub create: Option<CreateConfig>,
     /// The device's cloud volume id, compared with the header's binding (`None`: from sysfs).
@@ -402,7 +411,7 @@ impl Config {
                 kek_files: e.kek_files.iter().map(|p| resolve(p)).collect(),
                 read_only: e.read_only,
                 allow_discards: e.allow_discards,
-                direct: e.direct,
+                caching: Caching::new(e.direct, e.map),
                 description: e.description,
                 create,
                 device_id: e.device_id,

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use crate::backend::{Backend, FileBackend};
+use crate::backend::{Backend, Caching, FileBackend};
 use crate::crypto::{CipherError, SectorCipher, VolumeKey};
 use crate::export::{Export, ExportOptions, Geometry};
 use crate::header::{self, store, Header, HeaderError, KeySlot};
@@ -96,17 +96,16 @@ pub fn open_backend(path: &std::path::Path, writable: bool) -> Result<Arc<dyn Ba
     Ok(Arc::new(b))
 }
 
-/// Opens the raw volume at `path` for serving; with `direct`, the data path bypasses the page
-/// cache. Takes a non-blocking `fcntl` record lock (exclusive when writable, shared otherwise),
+/// Opens the raw volume at `path` for serving, with the data path's `caching`. Takes a non-blocking `fcntl` record lock (exclusive when writable, shared otherwise),
 /// held as long as the process keeps the file: the offline operations of [`crate::migrate`]
 /// take it exclusively, so they and `serve` refuse each other, as do two writable daemons
 /// ([`FileBackend::try_lock`]).
 pub fn open_backend_for_serving(
     path: &std::path::Path,
     writable: bool,
-    direct: bool,
+    caching: Caching,
 ) -> Result<Arc<dyn Backend>, VolumeError> {
-    let b = FileBackend::open_with(path, writable, direct)
+    let b = FileBackend::open_with(path, writable, caching)
         .map_err(|source| VolumeError::Open { path: path.display().to_string(), source })?;
     if !b.try_lock(writable) {
         return Err(VolumeError::Locked { path: path.display().to_string() });

@@ -121,6 +121,30 @@ fn qemu_io_odd_offsets(extra: &[&str]) {
 }
 
 #[test]
+fn no_map_serves_the_volume_without_mapping_it() {
+    for (extra, mapped) in [(&[][..], true), (&["--no-map"][..], false)] {
+        let vol = Volume::new(8 << 20, 4096);
+        let d = Daemon::start(&vol, extra);
+        // Written, then read twice: the second read finds the range cached, which is when the
+        // mapping (if any) serves it.
+        let cmds = ["write -P 0x5c 65536 262144", "read -P 0x5c 65536 262144", "read -P 0x5c 65536 262144"];
+        let mut args = vec!["-f", "raw"];
+        for c in &cmds {
+            args.extend(["-c", c]);
+        }
+        args.push(&d.uri);
+        let out = check(run("qemu-io", &args), "qemu-io");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("failed"), "{text}");
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", d.child.id())).unwrap();
+        let image = vol.image.canonicalize().unwrap();
+        assert_eq!(maps.contains(image.to_str().unwrap()), mapped, "{extra:?}:\n{maps}");
+        assert_eq!(d.log_text().contains("not mapped"), !mapped, "{}", d.log_text());
+        assert_eq!(d.stop(), 0);
+    }
+}
+
+#[test]
 fn qemu_img_convert_and_compare() {
     let vol = Volume::new(24 << 20, 512);
     let d = Daemon::start(&vol, &[]);
@@ -136,7 +160,7 @@ fn qemu_img_convert_and_compare() {
 
 #[test]
 fn nbdsh_many_concurrent_requests_match_a_shadow_copy() {
-    for (sector, extra) in [(4096u32, &[][..]), (512, &[][..]), (512, &["--direct"][..])] {
+    for (sector, extra) in [(4096u32, &[][..]), (512, &[][..]), (512, &["--direct"][..]), (4096, &["--no-map"][..])] {
         let vol = Volume::new(12 << 20, sector);
         let d = Daemon::start(&vol, extra);
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/nbd_shadow_workload.py");

@@ -12,9 +12,10 @@
 //! anything unaligned (the header, at open) through the buffered descriptor. The regions never
 //! overlap, so the two views stay coherent.
 //!
-//! In buffered mode the volume is also mapped read-only ([`ReadMapping`]): reads of cached
-//! ranges decrypt straight from the page cache through it ([`Backend::read_mapped`]), and
-//! `preadv2` only serves what the mapping declines.
+//! In buffered mode the volume is also mapped read-only ([`ReadMapping`]), unless the
+//! operator turns that off (`--no-map`, [`Caching::Buffered`]): reads of cached ranges
+//! decrypt straight from the page cache through it ([`Backend::read_mapped`]), and `preadv2`
+//! only serves what the mapping declines.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -40,6 +41,32 @@ use super::Backend;
 /// nothing but the number of system calls: such writes go in one piece.
 const BUFFERED_WRITE_CHUNK: usize = 32 << 10;
 
+/// How the data path reaches the raw volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Caching {
+    /// Through the page cache, and reads of cached ranges through a read-only mapping of the
+    /// volume (the default).
+    #[default]
+    Mapped,
+    /// Through the page cache with `pread`/`pwrite` only (`--no-map`): no mapping, so the
+    /// volume's pages never count in the daemon's RSS and an I/O error is always `EIO`, never
+    /// a fault; cached reads cost an extra copy.
+    Buffered,
+    /// `O_DIRECT` (`--direct`, like qemu's `cache=none`).
+    Direct,
+}
+
+impl Caching {
+    /// From the operator's two switches: `direct` wins, else `map` picks the buffered kind.
+    pub fn new(direct: bool, map: bool) -> Caching {
+        match (direct, map) {
+            (true, _) => Caching::Direct,
+            (false, false) => Caching::Buffered,
+            (false, true) => Caching::Mapped,
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
@@ -57,15 +84,14 @@ pub struct FileBackend {
 }
 
 impl FileBackend {
-    /// Opens an existing file or block device, buffered; never creates one.
+    /// Opens an existing file or block device, buffered and mapped; never creates one.
     pub fn open(path: &Path, writable: bool) -> io::Result<Self> {
-        Self::open_with(path, writable, false)
+        Self::open_with(path, writable, Caching::Mapped)
     }
 
-    /// Opens an existing file or block device; with `direct`, the data path bypasses the page
-    /// cache (`O_DIRECT`). Fails if the filesystem refuses `O_DIRECT` or needs an alignment
-    /// above 4096 bytes.
-    pub fn open_with(path: &Path, writable: bool, direct: bool) -> io::Result<Self> {
+    /// Opens an existing file or block device with the given caching. [`Caching::Direct`]
+    /// fails if the filesystem refuses `O_DIRECT` or needs an alignment above 4096 bytes.
+    pub fn open_with(path: &Path, writable: bool, caching: Caching) -> io::Result<Self> {
         let mut file = OpenOptions::new().read(true).write(writable).open(path)?;
         let ft = file.metadata()?.file_type();
         if !(ft.is_file() || ft.is_block_device()) {
@@ -76,7 +102,7 @@ impl FileBackend {
         }
         let size = file.seek(SeekFrom::End(0))?;
         let is_block_device = ft.is_block_device();
-        let (direct, align) = if direct {
+        let (direct, align) = if caching == Caching::Direct {
             let d = OpenOptions::new().read(true).write(writable).custom_flags(libc::O_DIRECT).open(path)?;
             let align = dio_alignment(&d, is_block_device);
             if align > crate::buf::ALIGN as u64 {
@@ -89,7 +115,7 @@ impl FileBackend {
         } else {
             (None, 1)
         };
-        let map = if direct.is_none() { ReadMapping::new(&file, size) } else { None };
+        let map = if caching == Caching::Mapped { ReadMapping::new(&file, size) } else { None };
         Ok(FileBackend {
             file,
             direct,
@@ -247,8 +273,11 @@ impl Backend for FileBackend {
 
     fn describe(&self) -> String {
         let kind = if self.is_block_device { "block device" } else { "file" };
-        let mode =
-            if self.direct.is_some() { format!(", O_DIRECT ({}-byte aligned)", self.align) } else { String::new() };
+        let mode = match (&self.direct, &self.map) {
+            (Some(_), _) => format!(", O_DIRECT ({}-byte aligned)", self.align),
+            (None, Some(_)) => String::new(),
+            (None, None) => ", not mapped".to_owned(),
+        };
         format!("{kind} {}{mode}", self.path.display())
     }
 }
@@ -307,7 +336,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("d.img");
         std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
-        let b = match FileBackend::open_with(&path, true, true) {
+        let b = match FileBackend::open_with(&path, true, Caching::Direct) {
             Ok(b) => b,
             // tmpfs and some overlay filesystems refuse O_DIRECT: nothing to test there.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return,
@@ -326,6 +355,25 @@ mod tests {
         let mut small = [0u8; 6];
         b.read_at(&mut small, 3).unwrap();
         assert_eq!(&small, b"header");
+    }
+
+    #[test]
+    fn buffered_mode_has_no_mapping_and_still_reads_cached_data_inline() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        let mapped = FileBackend::open(f.path(), true).unwrap();
+        assert!(mapped.map.is_some());
+        assert!(!mapped.describe().contains("not mapped"));
+        let b = FileBackend::open_with(f.path(), true, Caching::Buffered).unwrap();
+        assert!(b.map.is_none());
+        assert!(b.describe().ends_with(", not mapped"), "{}", b.describe());
+        assert!(b.cached_writes());
+        let data: Vec<u8> = (0..256 << 10).map(|i| (i % 253) as u8).collect();
+        b.write_at(&data, 4096).unwrap();
+        assert!(b.read_mapped(4096, 4096, &mut |_| {}).is_none());
+        let mut back = vec![0u8; data.len()];
+        assert!(b.try_read_at(&mut back, 4096).unwrap());
+        assert!(back == data);
     }
 
     #[test]

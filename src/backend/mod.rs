@@ -13,7 +13,7 @@ pub mod mapping;
 pub mod mem;
 
 pub use fault::FaultBackend;
-pub use file::FileBackend;
+pub use file::{Caching, FileBackend};
 pub use mapping::Mapped;
 pub use mem::MemBackend;
 

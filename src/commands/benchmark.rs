@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
 use super::{io_err, CmdError};
-use crate::backend::FileBackend;
+use crate::backend::{Caching, FileBackend};
 use crate::cli::BenchmarkArgs;
 use crate::crypto::{SectorCipher, VolumeKey};
 use crate::export::{Export, ExportOptions, Geometry};
@@ -35,7 +35,8 @@ pub(super) async fn benchmark(args: BenchmarkArgs) -> Result<(), CmdError> {
         .map_err(|e| CmdError::Io { what: "cipher benchmark failed".into(), source: std::io::Error::other(e) })?;
     if args.e2e {
         let dir = args.dir.clone().unwrap_or_else(std::env::temp_dir);
-        end_to_end(&dir, args.size_mib.max(16) << 20, Duration::from_secs_f64(seconds), args.direct).await?;
+        let caching = Caching::new(args.direct, !args.no_map);
+        end_to_end(&dir, args.size_mib.max(16) << 20, Duration::from_secs_f64(seconds), caching).await?;
     }
     Ok(())
 }
@@ -77,7 +78,7 @@ impl Drop for TempFile {
     }
 }
 
-async fn end_to_end(dir: &Path, size: u64, per_job: Duration, direct: bool) -> Result<(), CmdError> {
+async fn end_to_end(dir: &Path, size: u64, per_job: Duration, caching: Caching) -> Result<(), CmdError> {
     let path = dir.join(format!("nbdcrypt-benchmark-{}.img", std::process::id()));
     let f = OpenOptions::new()
         .read(true)
@@ -88,7 +89,11 @@ async fn end_to_end(dir: &Path, size: u64, per_job: Duration, direct: bool) -> R
     let _cleanup = TempFile(path.clone());
     f.set_len(size).map_err(io_err("cannot size the temporary volume"))?;
     drop(f);
-    let mode = if direct { "O_DIRECT" } else { "page cache" };
+    let mode = match caching {
+        Caching::Mapped => "page cache",
+        Caching::Buffered => "page cache, not mapped",
+        Caching::Direct => "O_DIRECT",
+    };
     println!();
     println!(
         "# end to end: in-process client over a Unix socket pair, {} MiB file in {} ({mode}), {:.1} s per job",
@@ -99,7 +104,7 @@ async fn end_to_end(dir: &Path, size: u64, per_job: Duration, direct: bool) -> R
     println!("{:>8} {:>12} {:>6} {:>10} {:>10}", "sector", "job", "depth", "MiB/s", "IOPS");
     for ss in [SectorSize::S4096, SectorSize::S512] {
         let backend =
-            FileBackend::open_with(&path, true, direct).map_err(io_err(format!("cannot open {}", path.display())))?;
+            FileBackend::open_with(&path, true, caching).map_err(io_err(format!("cannot open {}", path.display())))?;
         let key = VolumeKey::generate().map_err(|_| CmdError::Usage("cannot generate a random key".into()))?;
         let cipher = SectorCipher::new(&key, ss).map_err(VolumeError::Cipher)?;
         drop(key);

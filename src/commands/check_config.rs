@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use super::CmdError;
+use crate::backend::Caching;
 use crate::config::{Config, ControlSocket};
 use crate::server::ListenAddr;
 
@@ -110,6 +111,12 @@ fn render(c: &Config) -> String {
         let keks: Vec<String> = e.kek_files.iter().map(|k| q(&k.display().to_string())).collect();
         let _ = writeln!(o, "kek_files = [{}]", keks.join(", "));
         let _ = writeln!(o, "read_only = {}\nallow_discards = {}", e.read_only, e.allow_discards);
+        let (direct, map) = match e.caching {
+            Caching::Direct => (true, false),
+            Caching::Buffered => (false, false),
+            Caching::Mapped => (false, true),
+        };
+        let _ = writeln!(o, "direct = {direct}\nmap = {map}");
         if let Some(id) = &e.device_id {
             let _ = writeln!(o, "device_id = {}", q(id));
         }
@@ -129,8 +136,12 @@ mod tests {
     fn the_rendered_config_parses_back_to_the_same_config() {
         let text = "[server]\nmetrics_listen = \"127.0.0.1:9810\"\nsocket = \"/run/x.sock\"\n\
                     [log]\nlevel = \"debug\"\n[[export]]\nname = \"a\"\ndevice = \"/dev/x\"\nkek_files = [\"/k\"]\n\
-                    create = { size = \"1G\" }\n";
+                    create = { size = \"1G\" }\n\
+                    [[export]]\nname = \"b\"\ndevice = \"/dev/y\"\ndirect = true\n\
+                    [[export]]\nname = \"c\"\ndevice = \"/dev/z\"\nmap = false\n";
         let c = Config::parse(text, Path::new("/etc/nbdcrypt/v.toml")).unwrap();
+        let caching: Vec<Caching> = c.exports.iter().map(|e| e.caching).collect();
+        assert_eq!(caching, [Caching::Mapped, Caching::Direct, Caching::Buffered]);
         let again = Config::parse(&render(&c), Path::new("/etc/nbdcrypt/v.toml")).unwrap();
         assert_eq!(c.exports, again.exports);
         assert_eq!(c.listeners, again.listeners);

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 use super::{format_backend, io_err, kms_options, CmdError};
-use crate::backend::FileBackend;
+use crate::backend::{Caching, FileBackend};
 use crate::cli::ServeArgs;
 use crate::config::{Config, ControlSocket, CreateConfig, ExportConfig, TlsSettings, DEFAULT_LISTEN};
 use crate::control::{
@@ -166,7 +166,7 @@ fn load_config(args: &ServeArgs) -> Result<Config, CmdError> {
                 kek_files: args.kek_file.clone(),
                 read_only: args.read_only,
                 allow_discards: args.allow_discards,
-                direct: args.direct,
+                caching: Caching::new(args.direct, !args.no_map),
                 description: String::new(),
                 create: None,
                 device_id: args.device_id.clone(),
@@ -525,7 +525,7 @@ async fn open_export(cfg: &ExportConfig, kms: &KmsOptions, strict_binding: bool)
         create_if_missing(cfg, create).await?;
     }
     let keyring = Keyring::new(&cfg.kek_files, kms.clone())?;
-    let backend = volume::open_backend_for_serving(&cfg.device, !cfg.read_only, cfg.direct)?;
+    let backend = volume::open_backend_for_serving(&cfg.device, !cfg.read_only, cfg.caching)?;
     let device_id = cfg.device_id.clone().or_else(|| crate::identity::device_volume_id(&cfg.device));
     let strict = strict_binding || cfg.strict_binding;
     let unlock_started = Instant::now();
