@@ -917,6 +917,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn mixed_write_sizes_in_one_stream_all_land_whole() {
+        // In one stream: a write just over the gathering limit (its own buffer, served
+        // inline), one over INLINE_MAX (served on the pool) and a small gathered one. Each
+        // lands whole.
+        let mut s = start(export(true, SectorSize::S4096), false, Limits::default(), 1 << 20);
+        let (a, b, c) = (pattern(GATHER_MAX + 8192, 3), pattern(3 * INBUF, 4), pattern(8192, 5));
+        let mut wire = Vec::new();
+        for (cookie, offset, data) in [(1, 0, &a), (2, 1 << 20, &b), (3, 3 << 20, &c)] {
+            wire.extend_from_slice(&req(Command::Write, cookie, offset, data.len() as u32).encode());
+            wire.extend_from_slice(data);
+        }
+        s.client.write_all(&wire).await.unwrap();
+        // The replies may come in any order (the largest write goes through the pool).
+        let mut done: Vec<(u32, u64)> = Vec::new();
+        for _ in 0..3 {
+            done.push(simple(&mut s.client).await);
+        }
+        done.sort();
+        assert_eq!(done, [(0, 1), (0, 2), (0, 3)]);
+        for (cookie, offset, data) in [(4, 0, &a), (5, 1 << 20, &b), (6, 3 << 20, &c)] {
+            send(&mut s.client, req(Command::Read, cookie, offset, data.len() as u32), &[]).await;
+            assert_eq!(simple(&mut s.client).await, (0, cookie));
+            assert!(read_data(&mut s.client, data.len()).await == *data);
+        }
+        finish(s).await.unwrap();
+    }
+
+    #[tokio::test]
     async fn client_that_does_not_read_replies_meets_back_pressure() {
         let limits = Limits { max_requests: 4, ..Limits::default() };
         let mut s = start(export(true, SectorSize::S4096), false, limits, 16 << 10);
