@@ -60,7 +60,7 @@ for n in A B K; do
     A | B)
         bin=$OLD; [[ $n == B ]] && bin=$NEW
         "$bin" serve "$WORK/$n.img" --kek-file "$WORK/k.kek" --export '' --socket "$WORK/$n.sock" \
-            --listen "127.0.0.1:$port" --log-level warn 2>"$WORK/$n.log" &
+            --listen "127.0.0.1:$port" --control-socket "$WORK/$n.ctl" --log-level warn 2>"$WORK/$n.log" &
         PIDS+=($!) ;;
     K)
         if [[ $TRANSPORT == tcp ]]; then a=(-p "$port" -i 127.0.0.1); else a=(-U "$WORK/K.sock"); fi

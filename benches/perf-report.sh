@@ -62,7 +62,7 @@ serve() {
     "$BIN" format "$img" --key "local:$WORK/k.kek" --sector-size "$ss" >/dev/null
     PORT=$((20000 + RANDOM % 20000))
     "$BIN" serve "$img" --kek-file "$WORK/k.kek" --export '' --socket "$WORK/s.sock" \
-        --listen "127.0.0.1:$PORT" --log-level warn 2>"$WORK/serve-$ss.log" &
+        --listen "127.0.0.1:$PORT" --control-socket "$WORK/ctl.sock" --log-level warn 2>"$WORK/serve-$ss.log" &
     SRV_PID=$!
     for ((i = 0; i < 100; i++)); do
         nbdinfo --size "nbd+unix:///?socket=$WORK/s.sock" >/dev/null 2>&1 && return 0
@@ -149,7 +149,7 @@ report() {
     done
     echo
     echo "Exact commands (one per table block; \`anchors.sh\` is \`../shared/bench/anchors.sh\`, nbdcrypt serving"
-    echo "\`serve vol.img --kek-file k.kek --export '' --socket s.sock --listen 127.0.0.1:PORT\`):"
+    echo "\`serve vol.img --kek-file k.kek --export '' --socket s.sock --listen 127.0.0.1:PORT --control-socket ctl.sock\`):"
     echo
     echo '```sh'
     printf '%s\n' "${CMDS[@]}"

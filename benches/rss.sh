@@ -24,10 +24,14 @@ trap cleanup EXIT
 truncate -s $(((1 << 30) + (2 << 20))) "$WORK/v.img"
 "$BIN" format "$WORK/v.img" --key "local:$WORK/k.kek" --sector-size "$SECTOR" >/dev/null
 # shellcheck disable=SC2086
-"$BIN" serve "$WORK/v.img" --kek-file "$WORK/k.kek" --export '' --socket "$WORK/s.sock" --log-level warn ${EXTRA_SERVE_ARGS:-} &
+# Its own control socket (the default one may belong to another daemon on this box), and its
+# log in a file: this script's output goes into the README.
+"$BIN" serve "$WORK/v.img" --kek-file "$WORK/k.kek" --export '' --socket "$WORK/s.sock" \
+    --control-socket "$WORK/ctl.sock" --log-level warn ${EXTRA_SERVE_ARGS:-} 2>"$WORK/serve.log" &
 PID=$!
 URI="nbd+unix:///?socket=$WORK/s.sock"
 for _ in $(seq 100); do nbdinfo --size "$URI" >/dev/null 2>&1 && break; sleep 0.1; done
+nbdinfo --size "$URI" >/dev/null 2>&1 || { echo "nbdcrypt did not come up:" >&2; cat "$WORK/serve.log" >&2; exit 1; }
 mem() { awk '/^VmHWM|^VmRSS|^RssFile/{printf "%s %d MiB  ", $1, $2/1024}' "/proc/$PID/status"; }
 anon() { awk '/^RssAnon/{print $2}' "/proc/$PID/status"; }
 echo "idle after start: $(mem)"
