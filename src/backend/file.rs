@@ -42,11 +42,10 @@ use super::Backend;
 const BUFFERED_WRITE_CHUNK: usize = 32 << 10;
 
 /// How the data path reaches the raw volume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caching {
     /// Through the page cache, and reads of cached ranges through a read-only mapping of the
     /// volume (the default).
-    #[default]
     Mapped,
     /// Through the page cache with `pread`/`pwrite` only (`--no-map`): no mapping, so the
     /// volume's pages never count in the daemon's RSS and an I/O error is always `EIO`, never
