@@ -96,9 +96,10 @@ pub fn open_backend(path: &std::path::Path, writable: bool) -> Result<Arc<dyn Ba
     Ok(Arc::new(b))
 }
 
-/// Opens the raw volume at `path` for serving, with the data path's `caching`. Takes a non-blocking `fcntl` record lock (exclusive when writable, shared otherwise),
-/// held as long as the process keeps the file: the offline operations of [`crate::migrate`]
-/// take it exclusively, so they and `serve` refuse each other, as do two writable daemons
+/// Opens the raw volume at `path` for serving, with the data path's `caching`. Takes a
+/// non-blocking `fcntl` record lock (exclusive when writable, shared otherwise), held as long
+/// as the process keeps the file: the offline operations of [`crate::migrate`] take it
+/// exclusively, so they and `serve` refuse each other, as do two writable daemons
 /// ([`FileBackend::try_lock`]).
 pub fn open_backend_for_serving(
     path: &std::path::Path,

@@ -129,8 +129,8 @@ fn no_map_serves_the_volume_without_mapping_it() {
     for (extra, mapped) in [(&[][..], true), (&["--no-map"][..], false)] {
         let vol = Volume::new(8 << 20, 4096);
         let d = Daemon::start(&vol, extra);
-        // Written, then read twice: the second read finds the range cached, which is when the
-        // mapping (if any) serves it.
+        // The mapping is made when the volume opens; the writes and reads check that data
+        // still round-trips in each mode (the second read finds the range cached).
         qemu_io_checked(
             &d.uri,
             &["write -P 0x5c 65536 262144", "read -P 0x5c 65536 262144", "read -P 0x5c 65536 262144"],
