@@ -62,3 +62,4 @@ pub mod server;
 pub mod tls;
 pub mod units;
 pub mod volume;
+pub mod workers;

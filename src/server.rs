@@ -21,12 +21,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::logging::error_chain;
 use crate::nbd::handshake::{self, Catalog, HandshakeError, Negotiated, Outcome, TlsState};
 use crate::nbd::transmission::{self, Limits};
 use crate::tls::TlsSetup;
+use crate::workers::Workers;
 
 /// Who may connect to a Unix socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,6 +186,13 @@ pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let refused = Arc::new(RefusalLog::default());
     let mut tasks = Vec::new();
+    let workers = match Workers::per_core() {
+        Ok(w) => Some(Arc::new(w)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start the connection threads; serving on the main runtime");
+            None
+        }
+    };
     for l in listeners {
         let ctx = AcceptCtx {
             catalog: catalog.clone(),
@@ -194,7 +202,7 @@ pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions
             done: done_tx.clone(),
             refused: refused.clone(),
         };
-        tasks.push(tokio::spawn(accept_loop(l, ctx)));
+        tasks.push(tokio::spawn(accept_loop(l, ctx, workers.clone())));
     }
     drop(done_tx);
     for t in tasks {
@@ -202,6 +210,8 @@ pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions
     }
     // Every connection task holds a clone of done_tx; recv returns None once all are gone.
     let _ = done_rx.recv().await;
+    // Stops the connection threads, now idle; joining them is quick.
+    drop(workers);
 }
 
 /// Connections refused at the cap: logged at most once a second, with a count, so a flood
@@ -234,7 +244,7 @@ struct AcceptCtx {
     refused: Arc<RefusalLog>,
 }
 
-async fn accept_loop(listener: Listener, mut ctx: AcceptCtx) {
+async fn accept_loop(listener: Listener, mut ctx: AcceptCtx, workers: Option<Arc<Workers>>) {
     loop {
         let accepted = tokio::select! {
             biased;
@@ -255,29 +265,68 @@ async fn accept_loop(listener: Listener, mut ctx: AcceptCtx) {
             continue; // dropping the stream closes it
         };
         let c = ctx.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let _done = c.done.clone();
-            match stream {
-                Stream::Tcp(s) => {
-                    let _ = s.set_nodelay(true);
-                    let tls = TlsState { mode: c.opts.tls.mode, active: false };
-                    connection(s, peer, tls, c).await
+        let Some(workers) = workers.as_ref() else {
+            tokio::spawn(serve_connection(stream, peer, permit, c));
+            continue;
+        };
+        // Off this runtime's I/O driver, onto the chosen thread's.
+        match stream.into_std() {
+            Ok(s) => workers.spawn(move || async move {
+                match Stream::from_std(s) {
+                    Ok(stream) => serve_connection(stream, peer, permit, c).await,
+                    Err(e) => tracing::warn!(%peer, error = %e, "cannot move the connection to its thread"),
                 }
-                Stream::Unix(s) => {
-                    // Room for a whole large reply per write: fewer partial writes and
-                    // wake-ups (the kernel caps it at net.core.wmem_max).
-                    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SNDBUF);
-                    connection(s, peer, TlsState::OFF, c).await
-                }
-            }
-        });
+            }),
+            Err(e) => tracing::warn!(%peer, error = %e, "cannot move the connection to its thread"),
+        }
+    }
+}
+
+/// One connection, from the greeting to the end.
+async fn serve_connection(stream: Stream, peer: String, permit: OwnedSemaphorePermit, c: AcceptCtx) {
+    let _permit = permit;
+    let _done = c.done.clone();
+    match stream {
+        Stream::Tcp(s) => {
+            let _ = s.set_nodelay(true);
+            let tls = TlsState { mode: c.opts.tls.mode, active: false };
+            connection(s, peer, tls, c).await
+        }
+        Stream::Unix(s) => {
+            // Room for a whole large reply per write: fewer partial writes and
+            // wake-ups (the kernel caps it at net.core.wmem_max).
+            let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SNDBUF);
+            connection(s, peer, TlsState::OFF, c).await
+        }
     }
 }
 
 enum Stream {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+}
+
+/// A [`Stream`] registered with no runtime, on its way to another one.
+enum StdStream {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Stream {
+    fn into_std(self) -> std::io::Result<StdStream> {
+        match self {
+            Stream::Tcp(s) => s.into_std().map(StdStream::Tcp),
+            Stream::Unix(s) => s.into_std().map(StdStream::Unix),
+        }
+    }
+
+    /// Registers `s` with the current runtime (it is still non-blocking).
+    fn from_std(s: StdStream) -> std::io::Result<Stream> {
+        match s {
+            StdStream::Tcp(s) => tokio::net::TcpStream::from_std(s).map(Stream::Tcp),
+            StdStream::Unix(s) => tokio::net::UnixStream::from_std(s).map(Stream::Unix),
+        }
+    }
 }
 
 async fn accept(l: &Listener) -> std::io::Result<(Stream, String)> {

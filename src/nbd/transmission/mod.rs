@@ -11,9 +11,9 @@
 //!
 //! Whatever may wait goes to tokio's blocking pool: reads that miss the cache, all I/O in
 //! `O_DIRECT` mode, FLUSH and FUA, TRIM, WRITE_ZEROES, writes that need read-modify-write or
-//! whose range another write holds, requests larger than [`INLINE_MAX`], and anything while
-//! the export is suspended. Their replies come back through a channel and join the queue;
-//! replies may leave out of order, as the spec allows.
+//! whose range another write holds, reads larger than [`INLINE_MAX`] and writes larger than
+//! [`WRITE_INLINE_MAX`], and anything while the export is suspended. Their replies come back
+//! through a channel and join the queue; replies may leave out of order, as the spec allows.
 //!
 //! Two bounds keep a client from making the server buffer without limit: requests in flight
 //! (read from the socket, reply not yet written) and their payload bytes. At either bound the
@@ -80,15 +80,22 @@ impl Default for Limits {
     }
 }
 
-/// Requests up to this many bytes are served inline when they can be (see the module doc).
-/// Larger ones go to the blocking pool even when cached: their pread and decryption (or
-/// encryption and pwrite) take 100 µs and more per MiB, long enough that running them on
-/// another core while the connection task moves the previous reply or the next payload through
-/// the socket beats the ~10 µs thread hop. Measured with fio 1 MiB at QD8, side by side with
-/// the inline build (8 pairs of 6 s runs each, unix and tcp, on a busy machine): reads
-/// 0.92–1.31× (median 1.2), writes 1.09–1.47×. 4 KiB requests and nbdcopy's 256 KiB ones
-/// stay inline.
+/// Reads up to this many bytes are served inline when they can be (see the module doc).
+/// Larger ones go to the blocking pool even when cached: their decryption takes 100 µs and
+/// more per MiB, long enough that running it on another core while the connection's thread
+/// moves the previous reply through the socket beats the thread hop (about 20 µs of CPU on a
+/// small VM). Measured with fio 1 MiB at QD8 against the inline build: 1.35× over TCP (see the
+/// README). nbdcopy's 256 KiB requests stay inline.
 pub const INLINE_MAX: usize = 256 << 10;
+
+/// Writes up to this many bytes are served inline when they can be. Unlike a read's, a
+/// write's payload has just come through the socket on this thread: encrypting it and copying
+/// it into the page cache here finds it in this core's cache, where another core would first
+/// have to fetch it (the AES pass took twice as long there: 114 against about 50 µs per MiB).
+/// Side by side with the build that sent writes over 256 KiB to the pool (`benches/ab.sh`,
+/// fio 1 MiB at QD8): 1.18× over TCP. The bound keeps one request from holding the thread,
+/// and the other connections on it, for more than about a millisecond.
+pub const WRITE_INLINE_MAX: usize = 4 << 20;
 
 /// Once this many reply bytes are queued, the connection writes them before serving more
 /// requests: large replies leave one by one, so the client consumes one while the next is
@@ -585,7 +592,7 @@ impl Conn {
         }
         let fua = req.req.flags & proto::CMD_FLAG_FUA != 0;
         let offset = req.req.offset;
-        let inline = self.export.cached() && data_len(&data) <= INLINE_MAX;
+        let inline = self.export.cached() && data_len(&data) <= WRITE_INLINE_MAX;
         let buf = match data {
             WriteData::InBuf(payload) => {
                 if inline {
@@ -761,7 +768,7 @@ mod tests {
     use crate::nbd::codec::Request;
     use crate::units::SectorSize;
 
-    const SIZE: u64 = 4 << 20;
+    const SIZE: u64 = 16 << 20;
 
     /// A backend that never claims data is cached nor writes are cheap: every request takes
     /// the blocking-pool path.
@@ -845,8 +852,9 @@ mod tests {
     #[tokio::test]
     async fn write_then_read_returns_the_data_inline_and_via_the_pool() {
         // Small cached requests are served inline; larger ones, and all of an uncached
-        // export's, on the blocking pool.
-        for (cached, len) in [(true, 8192), (true, INLINE_MAX + 4096), (false, 8192)] {
+        // export's, on the blocking pool (reads over INLINE_MAX, writes over WRITE_INLINE_MAX).
+        let sizes = [(true, 8192), (true, INLINE_MAX + 4096), (true, WRITE_INLINE_MAX + 4096), (false, 8192)];
+        for (cached, len) in sizes {
             let mut s = start(export(cached, SectorSize::S4096), false, Limits::default(), 4 << 20);
             let data = pattern(len, 3);
             send(&mut s.client, req(Command::Write, 1, 4096, len as u32), &data).await;
@@ -919,12 +927,12 @@ mod tests {
     #[tokio::test]
     async fn mixed_write_sizes_in_one_stream_all_land_whole() {
         // In one stream: a write just over the gathering limit (its own buffer, served
-        // inline), one over INLINE_MAX (served on the pool) and a small gathered one. Each
-        // lands whole.
+        // inline), one over WRITE_INLINE_MAX (served on the pool) and a small gathered one.
+        // Each lands whole.
         let mut s = start(export(true, SectorSize::S4096), false, Limits::default(), 1 << 20);
-        let (a, b, c) = (pattern(GATHER_MAX + 8192, 3), pattern(3 * INBUF, 4), pattern(8192, 5));
+        let (a, b, c) = (pattern(GATHER_MAX + 8192, 3), pattern(WRITE_INLINE_MAX + 8192, 4), pattern(8192, 5));
         let mut wire = Vec::new();
-        for (cookie, offset, data) in [(1, 0, &a), (2, 1 << 20, &b), (3, 3 << 20, &c)] {
+        for (cookie, offset, data) in [(1, 0, &a), (2, 1 << 20, &b), (3, 6 << 20, &c)] {
             wire.extend_from_slice(&req(Command::Write, cookie, offset, data.len() as u32).encode());
             wire.extend_from_slice(data);
         }
@@ -936,7 +944,7 @@ mod tests {
         }
         done.sort();
         assert_eq!(done, [(0, 1), (0, 2), (0, 3)]);
-        for (cookie, offset, data) in [(4, 0, &a), (5, 1 << 20, &b), (6, 3 << 20, &c)] {
+        for (cookie, offset, data) in [(4, 0, &a), (5, 1 << 20, &b), (6, 6 << 20, &c)] {
             send(&mut s.client, req(Command::Read, cookie, offset, data.len() as u32), &[]).await;
             assert_eq!(simple(&mut s.client).await, (0, cookie));
             assert!(read_data(&mut s.client, data.len()).await == *data);
