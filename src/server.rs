@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::logging::error_chain;
 use crate::nbd::handshake::{self, Catalog, HandshakeError, Negotiated, Outcome, TlsState};
-use crate::nbd::transmission::{self, Limits};
+use crate::nbd::transmission::{self, Limits, Transport};
 use crate::tls::TlsSetup;
 use crate::workers::Workers;
 
@@ -290,13 +290,13 @@ async fn serve_connection(stream: Stream, peer: String, permit: OwnedSemaphorePe
         Stream::Tcp(s) => {
             let _ = s.set_nodelay(true);
             let tls = TlsState { mode: c.opts.tls.mode, active: false };
-            connection(s, peer, tls, c).await
+            connection(s, peer, tls, Transport::Tcp, c).await
         }
         Stream::Unix(s) => {
             // Room for a whole large reply per write: fewer partial writes and
             // wake-ups (the kernel caps it at net.core.wmem_max).
             let _ = rustix::net::sockopt::set_socket_send_buffer_size(&s, UNIX_SNDBUF);
-            connection(s, peer, TlsState::OFF, c).await
+            connection(s, peer, TlsState::OFF, Transport::Unix, c).await
         }
     }
 }
@@ -380,7 +380,7 @@ where
     }
 }
 
-async fn connection<S>(stream: S, peer: String, tls: TlsState, ctx: AcceptCtx)
+async fn connection<S>(stream: S, peer: String, tls: TlsState, transport: Transport, ctx: AcceptCtx)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -406,12 +406,12 @@ where
     };
     match ready {
         Ready::Closed => {}
-        Ready::Plain(s, neg) => transmit(s, neg, &peer, false, &ctx).await,
-        Ready::Tls(s, neg) => transmit(*s, neg, &peer, true, &ctx).await,
+        Ready::Plain(s, neg) => transmit(s, neg, &peer, false, transport, &ctx).await,
+        Ready::Tls(s, neg) => transmit(*s, neg, &peer, true, transport, &ctx).await,
     }
 }
 
-async fn transmit<S>(stream: S, neg: Negotiated, peer: &str, tls: bool, ctx: &AcceptCtx)
+async fn transmit<S>(stream: S, neg: Negotiated, peer: &str, tls: bool, transport: Transport, ctx: &AcceptCtx)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -423,7 +423,7 @@ where
         "client connected"
     );
     let (r, w) = tokio::io::split(stream);
-    match transmission::serve(r, w, neg, ctx.opts.limits, ctx.shutdown.clone()).await {
+    match transmission::serve(r, w, neg, ctx.opts.limits, transport, ctx.shutdown.clone()).await {
         Ok(()) => tracing::info!(%peer, %export, "client disconnected"),
         Err(e) => tracing::info!(%peer, %export, error = %error_chain(&e), "connection closed"),
     }

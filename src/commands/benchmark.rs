@@ -24,7 +24,7 @@ use crate::crypto::{SectorCipher, VolumeKey};
 use crate::export::{Export, ExportOptions, Geometry};
 use crate::nbd::codec::{Command, Request};
 use crate::nbd::handshake::Negotiated;
-use crate::nbd::transmission::{self, Limits};
+use crate::nbd::transmission::{self, Limits, Transport};
 use crate::units::SectorSize;
 use crate::volume::VolumeError;
 
@@ -120,7 +120,7 @@ async fn end_to_end(dir: &Path, size: u64, per_job: Duration, caching: Caching) 
         let (sr, sw) = server.into_split();
         let (_stop_tx, stop_rx) = watch::channel(false);
         let neg = Negotiated { export, structured_replies: false, extended_headers: false };
-        let srv = tokio::spawn(transmission::serve(sr, sw, neg, Limits::default(), stop_rx));
+        let srv = tokio::spawn(transmission::serve(sr, sw, neg, Limits::default(), Transport::Unix, stop_rx));
         let mut client = client;
         for job in JOBS {
             let (bytes, ios, secs) =

@@ -12,7 +12,8 @@
 //! Whatever may wait goes to tokio's blocking pool: reads that miss the cache, all I/O in
 //! `O_DIRECT` mode, FLUSH and FUA, TRIM, WRITE_ZEROES, writes that need read-modify-write or
 //! whose range another write holds, reads larger than [`INLINE_MAX`] and writes larger than
-//! [`WRITE_INLINE_MAX`], and anything while the export is suspended. Their replies come back
+//! [`WRITE_INLINE_MAX`] (over a Unix socket, than [`INLINE_MAX`]: see [`Transport`]), and
+//! anything while the export is suspended. Their replies come back
 //! through a channel and join the queue; replies may leave out of order, as the spec allows.
 //!
 //! Two bounds keep a client from making the server buffer without limit: requests in flight
@@ -88,14 +89,36 @@ impl Default for Limits {
 /// README). nbdcopy's 256 KiB requests stay inline.
 pub const INLINE_MAX: usize = 256 << 10;
 
-/// Writes up to this many bytes are served inline when they can be. Unlike a read's, a
-/// write's payload has just come through the socket on this thread: encrypting it and copying
-/// it into the page cache here finds it in this core's cache, where another core would first
-/// have to fetch it (the AES pass took twice as long there: 114 against about 50 µs per MiB).
-/// Side by side with the build that sent writes over 256 KiB to the pool (`benches/ab.sh`,
-/// fio 1 MiB at QD8): 1.18× over TCP. The bound keeps one request from holding the thread,
-/// and the other connections on it, for more than about a millisecond.
+/// Over TCP, writes up to this many bytes are served inline when they can be. Unlike a
+/// read's, a write's payload has just come through the socket on this thread: encrypting it
+/// and copying it into the page cache here finds it in this core's cache, where another core
+/// would first have to fetch it (the AES pass took twice as long there: 114 against about
+/// 50 µs per MiB). Side by side with the build that sent writes over 256 KiB to the pool
+/// (`benches/ab.sh`, fio 1 MiB at QD8): 1.20× over TCP. The bound keeps one request from
+/// holding the thread, and the other connections on it, for more than about a millisecond.
 pub const WRITE_INLINE_MAX: usize = 4 << 20;
+
+/// What carries the connection. It decides how large a write is served inline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// TCP, TLS or not: autotuned socket buffers of several MiB keep the next payloads
+    /// coming while this thread writes one inline, up to [`WRITE_INLINE_MAX`].
+    Tcp,
+    /// A Unix socket holds no more than the client's send buffer (about 208 KiB by default):
+    /// while this thread encrypted a 1 MiB write inline the client stalled (1 MiB writes
+    /// 0.63× nbdkit-raw with 512-byte sectors, against 0.83× with the pool). So writes over
+    /// [`INLINE_MAX`] go to the pool, and this thread keeps draining the socket meanwhile.
+    Unix,
+}
+
+impl Transport {
+    fn write_inline_max(self) -> usize {
+        match self {
+            Transport::Tcp => WRITE_INLINE_MAX,
+            Transport::Unix => INLINE_MAX,
+        }
+    }
+}
 
 /// Once this many reply bytes are queued, the connection writes them before serving more
 /// requests: large replies leave one by one, so the client consumes one while the next is
@@ -181,6 +204,7 @@ pub async fn serve<R, W>(
     mut writer: W,
     neg: Negotiated,
     limits: Limits,
+    transport: Transport,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), TransmissionError>
 where
@@ -197,6 +221,7 @@ where
         out: Outbox::default(),
         jobs: 0,
         done_tx,
+        write_inline_max: transport.write_inline_max(),
         shutting: false,
         discard: 0,
     };
@@ -437,6 +462,8 @@ struct Conn {
     out: Outbox,
     /// Requests on the blocking pool.
     jobs: usize,
+    /// Larger writes go to the blocking pool even when they could be served inline.
+    write_inline_max: usize,
     done_tx: mpsc::UnboundedSender<Done>,
     /// Shutdown started: new requests get `NBD_ESHUTDOWN`.
     shutting: bool,
@@ -592,7 +619,7 @@ impl Conn {
         }
         let fua = req.req.flags & proto::CMD_FLAG_FUA != 0;
         let offset = req.req.offset;
-        let inline = self.export.cached() && data_len(&data) <= WRITE_INLINE_MAX;
+        let inline = self.export.cached() && data_len(&data) <= self.write_inline_max;
         let buf = match data {
             WriteData::InBuf(payload) => {
                 if inline {
@@ -814,7 +841,7 @@ mod tests {
         let (r, w) = tokio::io::split(server);
         let (stop, rx) = watch::channel(false);
         let neg = Negotiated { export, structured_replies: structured, extended_headers: false };
-        Server { client, task: tokio::spawn(serve(r, w, neg, limits, rx)), stop }
+        Server { client, task: tokio::spawn(serve(r, w, neg, limits, Transport::Tcp, rx)), stop }
     }
 
     fn req(command: Command, cookie: u64, offset: u64, len: u32) -> Request {
@@ -1083,7 +1110,7 @@ mod tests {
         let (_stop, rx) = watch::channel(false);
         let neg =
             Negotiated { export: export(true, SectorSize::S4096), structured_replies: false, extended_headers: true };
-        let task = tokio::spawn(serve(r, w, neg, Limits::default(), rx));
+        let task = tokio::spawn(serve(r, w, neg, Limits::default(), Transport::Tcp, rx));
         let write = ExtendedRequest { flags: 0, command: Command::Write, cookie: 1, offset: 4096, len: 4096 };
         client.write_all(&write.encode()).await.unwrap();
         client.write_all(&pattern(4096, 4)).await.unwrap();
