@@ -143,6 +143,43 @@ fn no_map_serves_the_volume_without_mapping_it() {
     }
 }
 
+/// CPU time (clock ticks) of the daemon's connection threads, and how many there are.
+fn connection_threads(pid: u32) -> (usize, u64) {
+    let mut n = 0;
+    let mut ticks = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = t.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else { continue };
+        if !comm.starts_with("nbdcrypt-conn-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        // Fields after the ")" that ends the name: utime and stime are the 12th and 13th.
+        let rest: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        ticks += rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
+        n += 1;
+    }
+    (n, ticks)
+}
+
+#[test]
+fn connections_are_served_on_one_thread_per_core() {
+    let vol = Volume::new(16 << 20, 4096);
+    let d = Daemon::start(&vol, &[]);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let (n, before) = connection_threads(d.child.id());
+    assert_eq!(n, cores, "one connection thread per CPU");
+    // 128 MiB of 4 MiB writes and as much read back: tens of milliseconds of CPU, on those
+    // threads.
+    let cmds: Vec<String> =
+        (0..32).flat_map(|i| [format!("write -P {} 0 4M", i + 1), format!("read -P {} 0 4M", i + 1)]).collect();
+    let cmds: Vec<&str> = cmds.iter().map(String::as_str).collect();
+    qemu_io_checked(&d.uri, &cmds);
+    let (_, after) = connection_threads(d.child.id());
+    assert!(after > before, "the connection threads did no work ({before} -> {after} ticks)");
+    assert_eq!(d.stop(), 0);
+}
+
 #[test]
 fn qemu_img_convert_and_compare() {
     let vol = Volume::new(24 << 20, 512);
