@@ -1,9 +1,10 @@
 //! Listeners and connection lifecycle (the mini-redis shape).
 //!
 //! Each listener accepts under a shared connection cap (a semaphore); a connection over the
-//! cap is closed at once, with a (rate-limited) log line. Each connection runs in its own task
-//! and logs its own error: the handshake (bounded by a timeout that covers the TLS handshake
-//! too), the TLS upgrade when the client asks for it on a TCP listener, then transmission.
+//! cap is closed at once, with a (rate-limited) log line. Each connection runs in its own task,
+//! on the connection thread ([`crate::workers`]) with the fewest connections, and logs its own
+//! error: the handshake (bounded by a timeout that covers the TLS handshake too), the TLS
+//! upgrade when the client asks for it on a TCP listener, then transmission.
 //!
 //! Shutdown is a `watch` flag: listeners stop accepting, handshakes still running get
 //! `NBD_REP_ERR_SHUTDOWN` for the grace period, connections in transmission finish what is in
