@@ -13,8 +13,8 @@
 //! `O_DIRECT` mode, FLUSH and FUA, TRIM, WRITE_ZEROES, writes that need read-modify-write or
 //! whose range another write holds, reads larger than [`INLINE_MAX`] and writes larger than
 //! [`WRITE_INLINE_MAX`] (over a Unix socket, than [`INLINE_MAX`]: see [`Transport`]), and
-//! anything while the export is suspended. Their replies come back
-//! through a channel and join the queue; replies may leave out of order, as the spec allows.
+//! anything while the export is suspended. Their replies come back through a channel and join
+//! the queue; replies may leave out of order, as the spec allows.
 //!
 //! Two bounds keep a client from making the server buffer without limit: requests in flight
 //! (read from the socket, reply not yet written) and their payload bytes. At either bound the
@@ -85,17 +85,18 @@ impl Default for Limits {
 /// Larger ones go to the blocking pool even when cached: their decryption takes 100 µs and
 /// more per MiB, long enough that running it on another core while the connection's thread
 /// moves the previous reply through the socket beats the thread hop (about 20 µs of CPU on a
-/// small VM). Measured with fio 1 MiB at QD8 against the inline build: 1.35× over TCP (see the
-/// README). nbdcopy's 256 KiB requests stay inline.
+/// small VM). On the connection threads, serving them inline made 1 MiB reads at QD8 over TCP
+/// 0.74× as fast (`benches/ab.sh`, 3 rounds). nbdcopy's 256 KiB requests stay inline.
 pub const INLINE_MAX: usize = 256 << 10;
 
 /// Over TCP, writes up to this many bytes are served inline when they can be. Unlike a
 /// read's, a write's payload has just come through the socket on this thread: encrypting it
 /// and copying it into the page cache here finds it in this core's cache, where another core
-/// would first have to fetch it (the AES pass took twice as long there: 114 against about
-/// 50 µs per MiB). Side by side with the build that sent writes over 256 KiB to the pool
-/// (`benches/ab.sh`, fio 1 MiB at QD8): 1.20× over TCP. The bound keeps one request from
-/// holding the thread, and the other connections on it, for more than about a millisecond.
+/// would first have to fetch it (the AES pass took 114 µs per MiB there; the cipher
+/// benchmark's in-cache pass takes 38–70). Side by side with the build that sent writes over
+/// 256 KiB to the pool (`benches/ab.sh`, fio 1 MiB at QD8): 1.20× over TCP. The bound keeps
+/// one request from holding the thread, and the other connections on it, for more than about
+/// a millisecond.
 pub const WRITE_INLINE_MAX: usize = 4 << 20;
 
 /// What carries the connection. It decides how large a write is served inline.
@@ -105,9 +106,9 @@ pub enum Transport {
     /// coming while this thread writes one inline, up to [`WRITE_INLINE_MAX`].
     Tcp,
     /// A Unix socket holds no more than the client's send buffer (about 208 KiB by default):
-    /// while this thread encrypted a 1 MiB write inline the client stalled (1 MiB writes
-    /// 0.63× nbdkit-raw with 512-byte sectors, against 0.83× with the pool). So writes over
-    /// [`INLINE_MAX`] go to the pool, and this thread keeps draining the socket meanwhile.
+    /// while this thread encrypted a 1 MiB write inline the client stalled (with 512-byte
+    /// sectors the pool made 1 MiB writes 1.53× as fast: `benches/ab.sh`, 4 rounds). So writes
+    /// over [`INLINE_MAX`] go to the pool, and this thread keeps draining the socket meanwhile.
     Unix,
 }
 
