@@ -23,7 +23,7 @@ use nbdcrypt::backend::MemBackend;
 use nbdcrypt::crypto::{SectorCipher, VolumeKey};
 use nbdcrypt::export::{Export, ExportOptions, Geometry};
 use nbdcrypt::nbd::handshake::{haggle, negotiate, Catalog, ClientFlags, Outcome, TlsMode, TlsState};
-use nbdcrypt::nbd::transmission::{serve, Limits};
+use nbdcrypt::nbd::transmission::{serve, Limits, Transport};
 use nbdcrypt::units::SectorSize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
@@ -100,7 +100,7 @@ fuzz_target!(|data: &[u8]| {
         if let Ok(Outcome::Transmission(neg)) = outcome {
             let limits = Limits { max_requests: 16, max_bytes: 1 << 20, shutdown_grace: Duration::from_secs(1) };
             let (r, w) = tokio::io::split(server);
-            let _ = serve(r, w, neg, limits, shutdown.clone()).await;
+            let _ = serve(r, w, neg, limits, Transport::Tcp, shutdown.clone()).await;
         } else {
             drop(server);
         }
