@@ -6,8 +6,9 @@
 //! work-stealing pool wakes the other worker and moves between workers all the time (about 7
 //! context switches per MiB of 1 MiB writes over TCP). Pinned to one thread, a busy
 //! connection's thread and its client each keep a core and rarely sleep (0.4 per MiB), so a
-//! large write can be received, encrypted and copied into the page cache on one core, while
-//! the data is in that core's cache. Several connections spread over the threads (fewest
+//! large write over TCP can be received, encrypted and copied into the page cache on one
+//! core, while the data is in that core's cache (over a Unix socket large writes still go to
+//! the pool: see `nbd::transmission::Transport`). Several connections spread over the threads (fewest
 //! connections first), so multi-conn still scales across cores; work that may wait still goes
 //! to a blocking pool (each runtime has its own).
 
@@ -61,14 +62,6 @@ impl Workers {
     /// One thread per CPU this process may use (affinity and cgroup quota included).
     pub fn per_core() -> io::Result<Workers> {
         Workers::start(std::thread::available_parallelism().map_or(1, |n| n.get()))
-    }
-
-    pub fn len(&self) -> usize {
-        self.workers.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
     }
 
     /// Runs the future that `make` builds on the thread with the fewest connections. `make`
@@ -141,7 +134,7 @@ mod tests {
     #[test]
     fn connections_spread_evenly_and_stay_on_their_thread() {
         let w = Workers::start(2).unwrap();
-        assert_eq!(w.len(), 2);
+        assert_eq!(w.workers.len(), 2);
         let (seen_tx, seen) = mpsc::channel();
         let (release_tx, release) = tokio::sync::watch::channel(false);
         for _ in 0..4 {
