@@ -103,6 +103,8 @@ pub struct ExportMetrics {
     in_flight: AtomicI64,
     connections: AtomicI64,
     connections_total: AtomicU64,
+    /// Writes the raw volume held up (see `export::backpressure`).
+    slow_writes: AtomicU64,
     /// Unix seconds of the last unlock (open or resume); 0 while suspended.
     unlocked_at: AtomicU64,
     warn_limit: Mutex<WarnWindow>,
@@ -221,6 +223,11 @@ impl ExportMetrics {
     pub fn connection_closed(&self, id: u64) {
         self.connections.fetch_sub(1, Ordering::Relaxed);
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    }
+
+    /// A write to the raw volume took long enough that the device must have held it up.
+    pub fn slow_write(&self) {
+        self.slow_writes.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records that the volume was unlocked now (`None`: it was locked, i.e. suspended).
@@ -445,6 +452,16 @@ pub fn encode(exports: &[ExportView<'_>], process: ProcessView) -> String {
     per_export(&mut out, "nbdcrypt_connections_total", "counter", "Client connections accepted.", &|o, e, l| {
         let _ = writeln!(o, "nbdcrypt_connections_total{{{l}}} {}", load(&e.metrics.connections_total));
     });
+    per_export(
+        &mut out,
+        "nbdcrypt_slow_writes_total",
+        "counter",
+        "Writes the raw volume held up (dirty throttling: the device is behind); each keeps writes off \
+         the connection threads for a second.",
+        &|o, e, l| {
+            let _ = writeln!(o, "nbdcrypt_slow_writes_total{{{l}}} {}", load(&e.metrics.slow_writes));
+        },
+    );
     per_export(
         &mut out,
         "nbdcrypt_unlocked_time_seconds",

@@ -37,8 +37,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug + 'static {
         Ok(false)
     }
 
-    /// True if a write only copies into a cache (buffered I/O) and so returns quickly: the
-    /// caller may then write small requests on its own thread instead of a blocking pool.
+    /// True if a write only copies into a cache (buffered I/O) and so usually returns
+    /// quickly: the caller may then write small requests on its own thread instead of a
+    /// blocking pool (unless the device is holding writes up: `export::backpressure`).
     fn cached_writes(&self) -> bool {
         false
     }

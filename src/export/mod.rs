@@ -24,8 +24,10 @@ use crate::errno;
 use crate::metrics::{ExportMetrics, Fault};
 use crate::units::{ByteRange, SectorIndex, SectorSize};
 
+mod backpressure;
 mod range_lock;
 
+use backpressure::Backpressure;
 use range_lock::{RangeGuard, RangeLocks};
 
 /// Largest request payload the export accepts (advertised as the NBD maximum block size).
@@ -194,6 +196,8 @@ pub struct Export {
     /// Flushes of the raw volume: one at a time, shared by the requests waiting for them,
     /// and the record of a failure (see [`Export::flush`]).
     flushes: FlushGate,
+    /// Whether the raw volume is holding writes up, so they stay off the connection threads.
+    backpressure: Backpressure,
 }
 
 impl Export {
@@ -212,6 +216,7 @@ impl Export {
             metrics,
             io_errors: AtomicU64::new(0),
             flushes: FlushGate::default(),
+            backpressure: Backpressure::default(),
         }
     }
 
@@ -437,13 +442,19 @@ impl Export {
 
     /// The inline fast path of [`Export::write`], for a caller that must not block (an async
     /// task): does the write only if it needs neither the device nor a wait — an aligned,
-    /// page-sized write, no FUA, into a cache-backed volume, whose range no other write holds,
-    /// with the cipher not suspended. `Ok(false)` leaves `data` untouched: call
-    /// [`Export::write`] on a blocking thread.
+    /// page-sized write, no FUA, into a cache-backed volume that is not holding writes up
+    /// (see `export::backpressure`), whose range no other write holds, with the cipher not
+    /// suspended. `Ok(false)` leaves `data` untouched: call [`Export::write`] on a blocking
+    /// thread.
     pub fn try_write(&self, offset: u64, data: &mut [u8], fua: bool) -> Result<bool, ExportError> {
         let r = self.check_write(offset, data.len() as u64)?;
         // Page alignment: a partial-page buffered write may have to read the page first.
-        if fua || !self.backend.cached_writes() || (r.offset | r.len) % PAGE != 0 || !self.is_io_aligned(r) {
+        if fua
+            || !self.backend.cached_writes()
+            || (r.offset | r.len) % PAGE != 0
+            || !self.is_io_aligned(r)
+            || !self.backpressure.inline_ok()
+        {
             return Ok(false);
         }
         let Some(guard) = self.locks.try_lock(r) else { return Ok(false) };
@@ -471,13 +482,30 @@ impl Export {
             } else {
                 self.cipher.encrypt(ss.sector_of(r.offset), data)?;
             }
-            self.backend.write_at(data, self.raw(r.offset))?;
+            self.timed_write(data, r.offset)?;
         } else {
             let mut buf = self.read_modify(r, wide, |dst| dst.copy_from_slice(data))?;
             self.cipher.encrypt(ss.sector_of(wide.offset), &mut buf)?;
-            self.backend.write_at(&buf, self.raw(wide.offset))?;
+            self.timed_write(&buf, wide.offset)?;
         }
         Ok(true)
+    }
+
+    /// Writes ciphertext at data-area `offset`, timing it (see [`backpressure`]).
+    fn timed_write(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let (r, slow) = self.backpressure.timed(data.len(), || self.backend.write_at(data, self.raw(offset)));
+        if let Some(started) = slow {
+            self.metrics.slow_write();
+            if started {
+                tracing::debug!(
+                    export = %self.opts.name,
+                    len = data.len(),
+                    "the raw volume held a write up (it is behind): writes go to the blocking pool for {} s",
+                    backpressure::HOLD.as_secs()
+                );
+            }
+        }
+        r
     }
 
     /// Builds the plaintext of the widened range: the partial head and tail blocks read and
@@ -713,6 +741,62 @@ mod tests {
         let mut out = vec![0u8; 8192];
         e.read(4096, &mut out).unwrap();
         assert_eq!(out, pattern(8192, 1));
+    }
+
+    /// A cached volume whose writes take `delay_ms` each, as when the kernel throttles a
+    /// writer whose device is behind.
+    #[derive(Debug)]
+    struct SlowWrites {
+        mem: MemBackend,
+        delay_ms: AtomicU64,
+    }
+
+    impl Backend for SlowWrites {
+        fn size(&self) -> u64 {
+            self.mem.size()
+        }
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.mem.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            std::thread::sleep(std::time::Duration::from_millis(self.delay_ms.load(Ordering::Relaxed)));
+            self.mem.write_at(buf, offset)
+        }
+        fn cached_writes(&self) -> bool {
+            true
+        }
+        fn flush(&self) -> io::Result<()> {
+            self.mem.flush()
+        }
+        fn describe(&self) -> String {
+            "slow".into()
+        }
+    }
+
+    #[test]
+    fn writes_the_volume_holds_up_move_off_the_inline_path() {
+        let slow = Arc::new(SlowWrites { mem: MemBackend::new(64 << 10), delay_ms: AtomicU64::new(0) });
+        let opts =
+            ExportOptions { name: "s".into(), description: String::new(), read_only: false, allow_discards: false };
+        let geo = Geometry { sector_size: SectorSize::S4096, data_offset: 0, data_size: 64 << 10 };
+        let key = VolumeKey::generate().unwrap();
+        let e = Export::new(opts, geo, slow.clone(), SectorCipher::new(&key, SectorSize::S4096).unwrap());
+        assert!(e.try_write(0, &mut pattern(4096, 1), false).unwrap(), "inline while writes are fast");
+        slow.delay_ms.store(backpressure::slow_limit(4096).as_millis() as u64 + 5, Ordering::Relaxed);
+        e.write(4096, &mut pattern(4096, 2), false).unwrap();
+        slow.delay_ms.store(0, Ordering::Relaxed);
+        let mut data = pattern(4096, 3);
+        assert!(!e.try_write(8192, &mut data, false).unwrap(), "declined after a held-up write");
+        assert_eq!(data, pattern(4096, 3), "a declined write leaves the plaintext untouched");
+        e.write(8192, &mut data, false).unwrap();
+        let mut out = vec![0u8; 3 * 4096];
+        e.read(0, &mut out).unwrap();
+        assert_eq!(out, [pattern(4096, 1), pattern(4096, 2), pattern(4096, 3)].concat());
+        let text = crate::metrics::encode(
+            &[crate::metrics::ExportView { name: "s", metrics: e.metrics(), size: e.size(), suspended: false }],
+            crate::metrics::ProcessView { start_time: std::time::SystemTime::now() },
+        );
+        assert!(text.contains("nbdcrypt_slow_writes_total{export=\"s\"} 1\n"), "{text}");
     }
 
     /// An export of a temporary file holding `size` data bytes, buffered (so mapped); with
