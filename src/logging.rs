@@ -5,10 +5,20 @@
 //! Level precedence, highest first: `RUST_LOG`, `--log-level` / `NBDCRYPT_LOG`, the config
 //! file's `[log] level`, `info`. The format is fixed at start: `--log-format`, else the config
 //! file's `[log] format`, else `auto`.
+//!
+//! The daemon (`serve`) writes its lines from a thread of their own ([`init`] with
+//! `background`): the threads that serve connections only queue them. A log sink that stops
+//! taking lines (a journald stream not drained, a file on a disk stuck behind writeback) used
+//! to block the thread that logged, and with it every connection on that thread; now the
+//! queue fills up ([`QUEUE_LINES`]) and further lines are dropped and counted
+//! ([`dropped_lines`], the `nbdcrypt_log_lines_dropped_total` metric) until the sink moves
+//! again. The other commands write synchronously: they are short, and their last line (often
+//! the error) must not be lost.
 
 use std::sync::OnceLock;
 
-use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, reload, EnvFilter, Registry};
 
@@ -35,9 +45,34 @@ struct State {
 
 static STATE: OnceLock<State> = OnceLock::new();
 
+/// Lines queued for a stuck sink before further ones are dropped: at a few hundred bytes per
+/// JSON line, about 1 MiB, within the daemon's memory bound.
+pub const QUEUE_LINES: usize = 4096;
+
+/// Counts the lines the background writer dropped.
+static DROPPED: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped because the sink did not take them (always 0 for synchronous logging).
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+/// Keeps the background log writer running; dropping it writes out what is queued. Hold it
+/// until the process exits (and drop it before `std::process::exit`, which runs no
+/// destructors).
+#[must_use = "dropping the guard stops the log writer"]
+pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
+
+impl std::fmt::Debug for LogGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LogGuard").field(&self.0.is_some()).finish()
+    }
+}
+
 /// Installs the global subscriber. `config_level` is the config file's `[log] level`, if the
-/// command has a config file.
-pub fn init(cli_level: Option<&str>, config_level: Option<&str>, format: LogFormat) {
+/// command has a config file. With `background`, lines are written by a thread of their own
+/// (see the module doc).
+pub fn init(cli_level: Option<&str>, config_level: Option<&str>, format: LogFormat, background: bool) -> LogGuard {
     use std::io::IsTerminal;
     let from_env = std::env::var_os("RUST_LOG").is_some();
     let filter = EnvFilter::try_from_default_env()
@@ -49,10 +84,25 @@ pub fn init(cli_level: Option<&str>, config_level: Option<&str>, format: LogForm
         LogFormat::Human => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
-    let json_layer = json.then(|| fmt::layer().json().flatten_event(true).with_writer(std::io::stderr));
-    let human_layer = (!json).then(|| fmt::layer().with_writer(std::io::stderr));
-    let _ = tracing_subscriber::registry().with(filter).with(json_layer).with(human_layer).try_init();
+    let (writer, guard) = if background {
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(QUEUE_LINES)
+            .thread_name("nbdcrypt-log")
+            .finish(std::io::stderr());
+        let _ = DROPPED.set(writer.error_counter());
+        (BoxMakeWriter::new(writer), Some(guard))
+    } else {
+        (BoxMakeWriter::new(std::io::stderr), None)
+    };
+    let layer = if json {
+        fmt::layer().json().flatten_event(true).with_writer(writer).boxed()
+    } else {
+        fmt::layer().with_writer(writer).boxed()
+    };
+    let _ = tracing_subscriber::registry().with(filter).with(layer).try_init();
     let _ = STATE.set(State { handle, from_env, cli_level: cli_level.map(str::to_owned) });
+    LogGuard(guard)
 }
 
 /// What [`reload_level`] did.

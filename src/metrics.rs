@@ -390,6 +390,13 @@ pub fn encode(exports: &[ExportView<'_>], process: ProcessView) -> String {
         "Live key allocations the OS refused to mlock (0 unless RLIMIT_MEMLOCK is too low).",
     );
     let _ = writeln!(out, "nbdcrypt_key_allocations_unlocked {}", crate::crypto::mlock::unlocked_allocations());
+    header(
+        &mut out,
+        "nbdcrypt_log_lines_dropped_total",
+        "counter",
+        "Log lines dropped because the log sink (stderr) did not take them.",
+    );
+    let _ = writeln!(out, "nbdcrypt_log_lines_dropped_total {}", crate::logging::dropped_lines());
 
     let per_export =
         |out: &mut String, name: &str, kind: &str, help: &str, f: &dyn Fn(&mut String, &ExportView, &str)| {

@@ -2,7 +2,7 @@
 //! reference Prometheus parser), suspend/resume over the control socket with a real client's
 //! I/O held and released, sd_notify, SIGHUP reload, check-config, completions and man page,
 //! the systemd units (`systemd-analyze verify`) and their system-call filter (against a strace
-//! of the daemon), and the attach script.
+//! of the daemon), the attach script, and a log sink that stops taking lines.
 //!
 //! Needs `/usr/bin/python3` with `nbd` (python3-libnbd) and `prometheus_client`
 //! (python3-prometheus-client), `systemd-analyze` (systemd), `strace` and `nbd-client`:
@@ -124,6 +124,7 @@ fn metrics_scrape_parses_and_counts_requests_by_command_and_errno() {
     assert!(s.value("nbdcrypt_cipher_contexts", &[]) > 0.0);
     assert!(s.value("nbdcrypt_key_pages_locked", &[]) > 0.0);
     assert_eq!(s.value("nbdcrypt_key_allocations_unlocked", &[]), 0.0);
+    assert_eq!(s.value("nbdcrypt_log_lines_dropped_total", &[]), 0.0);
     eprintln!("metrics scrape took {:.2} ms", s.seconds * 1e3);
 
     // Anything but /metrics is a 404.
@@ -574,4 +575,48 @@ fn vm_locked_kib(pid: u64) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A log sink that stops taking lines does not stall the daemon: with stderr a pipe nobody
+/// reads (full after 64 KiB), 3000 connections (two `info` lines each, more than the pipe and
+/// the daemon's queue of 4096 lines hold) are all served, and the lines that did not fit are
+/// counted as dropped. Logging synchronously, the daemon stopped answering after about 200.
+#[test]
+fn a_log_sink_that_stops_taking_lines_does_not_stall_connections() {
+    let vol = Volume::new(4 << 20, 4096);
+    let (port, mport) = (free_port(), free_port());
+    let (listen, maddr) = (format!("127.0.0.1:{port}"), format!("127.0.0.1:{mport}"));
+    let ctl = vol.path("ctl.sock");
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _daemon = Killed(
+        Command::new(bin())
+            .args(["serve", vol.image.to_str().unwrap(), "--export", "t", "--listen", &listen])
+            .args(["--kek-file", vol.kek.to_str().unwrap(), "--control-socket", ctl.to_str().unwrap()])
+            .args(["--metrics-listen", &maddr, "--log-format", "json"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // The child's stderr pipe stays open (in `_daemon`) and is never read.
+    let uri = format!("nbd://127.0.0.1:{port}/t");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !run("nbdinfo", &["--size", &uri]).status.success() {
+        assert!(Instant::now() < deadline, "the daemon did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let script = "import nbd, sys\n\
+                  for i in range(int(sys.argv[2])):\n    \
+                      h = nbd.NBD()\n    h.connect_uri(sys.argv[1])\n    h.shutdown()\n    del h\n\
+                  print('done')";
+    let out = run("timeout", &["30", PY, "-c", script, &uri, "3000"]);
+    assert!(out.status.success(), "connections stalled behind the log sink:\n{}", String::from_utf8_lossy(&out.stderr));
+    let s = Scrape::get(&format!("http://{maddr}/metrics"));
+    assert!(s.value("nbdcrypt_log_lines_dropped_total", &[]) > 0.0, "the sink never filled: the test proves nothing");
 }
