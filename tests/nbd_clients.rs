@@ -356,10 +356,11 @@ fn first_allowed_cpu() -> String {
     list.split([',', '-']).next().unwrap().to_owned()
 }
 
-/// While the raw volume throttles one connection's writes, another connection on the same
-/// connection thread still reads cached data at full speed: the throttled writes leave the
-/// thread (`export::backpressure`). Written inline, they held each read up to 200 ms (about
-/// 25 reads per second against 14,000).
+/// While the raw volume throttles one connection's writes, the connection thread does not sit
+/// in dirty throttling, so another connection on it goes on reading cached data: the
+/// throttled writes leave the thread (`export::backpressure`). Written inline, they kept the
+/// thread in `balance_dirty_pages` and held each read up to 200 ms (about 25 reads per second
+/// against 14,000).
 #[test]
 fn throttled_writes_do_not_stall_reads_on_the_same_thread() {
     let Some(slow) = SlowDevice::new() else { return };
@@ -392,7 +393,7 @@ fn throttled_writes_do_not_stall_reads_on_the_same_thread() {
     .spawn()
     .unwrap();
     std::thread::sleep(std::time::Duration::from_secs(3));
-    // Where the connection thread waits while the reader runs (for the failure message).
+    // Where the daemon's threads wait while the reader runs (`/proc/PID/task/*/wchan`).
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pid = d.child.id();
     let sampler = {
@@ -426,13 +427,22 @@ fn throttled_writes_do_not_stall_reads_on_the_same_thread() {
     let iops = report["jobs"][0]["read"]["iops"].as_f64().unwrap();
     let log = d.log_text();
     assert!(log.contains("held a write up"), "the device never throttled the writer; the test proves nothing:\n{log}");
+    // The connection thread's samples, and those in dirty throttling. (Not the read rate
+    // alone: in 3 of about 45 runs beside other tests the reader's pages were read from the
+    // device again, 16-30 reads per second, with the connection thread idle meanwhile; the
+    // cause is outside the daemon and not found.)
+    let conn = |wait: &str| -> u32 {
+        waits.iter().filter(|(k, _)| k.starts_with("nbdcrypt-conn-") && k.ends_with(wait)).map(|(_, n)| n).sum()
+    };
+    let (samples, throttled) = (conn(""), conn(" balance_dirty_pages"));
+    assert!(samples >= 50, "too few samples of the connection thread: {waits:#?}");
     assert!(
-        iops > 1000.0,
-        "reads of cached data stalled behind throttled writes: {iops:.0} per second\n\
-         thread waits (samples): {waits:#?}\n{}",
+        throttled * 10 <= samples,
+        "the connection thread sat in dirty throttling in {throttled} of {samples} samples; \
+         reads of cached data meanwhile: {iops:.0} per second\nthread waits: {waits:#?}\n{}",
         String::from_utf8_lossy(&out.stdout)
     );
-    eprintln!("cached 4 KiB reads during throttled writes: {iops:.0} per second");
+    eprintln!("cached 4 KiB reads during throttled writes: {iops:.0} per second; connection thread throttled in {throttled} of {samples} samples");
     assert_eq!(d.stop(), 0);
     drop(slow);
 }
