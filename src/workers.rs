@@ -8,9 +8,10 @@
 //! connection's thread and its client each keep a core and rarely sleep (0.4 per MiB), so a
 //! large write over TCP can be received, encrypted and copied into the page cache on one
 //! core, while the data is in that core's cache (over a Unix socket large writes still go to
-//! the pool: see `nbd::transmission::Transport`). Several connections spread over the threads (fewest
-//! connections first), so multi-conn still scales across cores; work that may wait still goes
-//! to a blocking pool (each runtime has its own).
+//! the pool: see `nbd::transmission::Transport`). Several connections spread over the threads
+//! (fewest connections first), so multi-conn still scales across cores; work that may wait
+//! still goes to a blocking pool (each runtime has its own; writes too while the volume holds
+//! them up: `export::backpressure`).
 
 use std::future::Future;
 use std::io;

@@ -90,7 +90,7 @@ cargo clippy --all-targets --quiet -- -D warnings
 log "cargo check of the fuzz targets"
 # The fuzz crate is its own workspace, so neither clippy nor the tests build it: an API change
 # that breaks a target would only show in the fuzz step, ten minutes in. Checked here instead,
-# sharing target/ with the build above (about 12 s).
+# sharing target/ with the build above (12-20 s).
 cargo check --quiet --manifest-path fuzz/Cargo.toml --target-dir target --bins
 log "cargo doc"
 # Broken intra-doc links fail too: a doc comment that names a moved item is wrong.
