@@ -61,11 +61,14 @@ pub fn dropped_lines() -> u64 {
 /// until the process exits (and drop it before `std::process::exit`, which runs no
 /// destructors).
 #[must_use = "dropping the guard stops the log writer"]
-pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
+pub struct LogGuard {
+    /// Only dropped: that stops the writer thread after it has written the queue.
+    _worker: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
 
 impl std::fmt::Debug for LogGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_tuple("LogGuard").field(&self.0.is_some()).finish()
+        f.debug_struct("LogGuard").field("background", &self._worker.is_some()).finish()
     }
 }
 
@@ -102,7 +105,7 @@ pub fn init(cli_level: Option<&str>, config_level: Option<&str>, format: LogForm
     };
     let _ = tracing_subscriber::registry().with(filter).with(layer).try_init();
     let _ = STATE.set(State { handle, from_env, cli_level: cli_level.map(str::to_owned) });
-    LogGuard(guard)
+    LogGuard { _worker: guard }
 }
 
 /// What [`reload_level`] did.
