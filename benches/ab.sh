@@ -18,6 +18,9 @@
 #   on the other, a difference a quiet machine did not show.
 # Prints each round and the median of NEW/OLD and of each build against nbdkit-raw. The same
 # build against itself gave NEW/OLD 0.99-1.11 (median 1.03-1.06): smaller differences are noise.
+# Each round also prints each server's CPU time per MiB moved (user + system of the server
+# process over the fio run, ramp included, divided by the MiB the run moved at its measured
+# rate): what a change costs or saves, where the client and other load hide it in MB/s.
 #
 # Env: JOBS="read write" BS=1M QD=8 RUNTIME=6 ROUNDS=4 TRANSPORT=tcp|unix SECTOR=4096
 #      WAIT_IDLE=80 IDLE_MAX_WAIT=60 (WAIT_IDLE=0: do not wait)
@@ -40,7 +43,7 @@ trap cleanup EXIT
 "$OLD" genkey "$WORK/k.kek" >/dev/null
 SIZE=$((1 << 30))
 PORT_BASE=$((20000 + RANDOM % 20000))
-declare -A URI
+declare -A URI PID
 for n in A B; do
     truncate -s $((SIZE + (2 << 20))) "$WORK/$n.img"
     "$OLD" format "$WORK/$n.img" --key "local:$WORK/k.kek" --sector-size "$SECTOR" >/dev/null
@@ -61,11 +64,11 @@ for n in A B K; do
         bin=$OLD; [[ $n == B ]] && bin=$NEW
         "$bin" serve "$WORK/$n.img" --kek-file "$WORK/k.kek" --export '' --socket "$WORK/$n.sock" \
             --listen "127.0.0.1:$port" --control-socket "$WORK/$n.ctl" --log-level warn 2>"$WORK/$n.log" &
-        PIDS+=($!) ;;
+        PIDS+=($!) PID[$n]=$! ;;
     K)
         if [[ $TRANSPORT == tcp ]]; then a=(-p "$port" -i 127.0.0.1); else a=(-U "$WORK/K.sock"); fi
         nbdkit -f "${a[@]}" -t 16 file "$WORK/K.img" &
-        PIDS+=($!) ;;
+        PIDS+=($!) PID[$n]=$! ;;
     esac
 done
 for n in A B K; do
@@ -90,32 +93,39 @@ wait_idle() { # sets BUSY to " busy(N% idle)" if the machine did not become idle
     done
 }
 
-run() { # NAME JOB -> bytes/s
+proc_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, clock ticks
+run() { # NAME JOB -> "bytes/s server-CPU-us-per-MiB"
+    local c0 c1 t0 t1 bw
     sync
     wait_idle
     [[ -z $BUSY ]] || echo "$1$BUSY" >>"$WORK/busy"
+    c0=$(proc_ticks "${PID[$1]}") t0=$(date +%s%N)
     fio --name=j --ioengine=nbd --uri="${URI[$1]}" --rw="$2" --bs="$BS" --iodepth="$QD" --time_based \
         --runtime="$RUNTIME" --ramp_time=1 --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1
-    jq '.jobs[0].read.bw_bytes + .jobs[0].write.bw_bytes' "$WORK/fio.json"
+    c1=$(proc_ticks "${PID[$1]}") t1=$(date +%s%N)
+    bw=$(jq '.jobs[0].read.bw_bytes + .jobs[0].write.bw_bytes' "$WORK/fio.json")
+    awk -v bw="$bw" -v c="$((c1 - c0))" -v hz="$(getconf CLK_TCK)" -v ns="$((t1 - t0))" \
+        'BEGIN { mib = bw * ns / 1e9 / 1048576; printf "%d %.0f\n", bw, (mib > 0 ? c / hz * 1e6 / mib : 0) }'
 }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f\n", a / b }'; }
 median() { sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 echo "old=$OLD new=$NEW transport=$TRANSPORT sector=$SECTOR bs=$BS qd=$QD runtime=${RUNTIME}s"
 for job in $JOBS; do
-    for f in new_old old_raw new_raw; do : >"$WORK/r.$f"; done
+    for f in new_old old_raw new_raw cpu; do : >"$WORK/r.$f"; done
     for ((r = 1; r <= ROUNDS; r++)); do
         order="A B K"; ((r % 2 == 0)) && order="K B A"
-        declare -A bw=()
+        declare -A bw=() cpu=()
         : >"$WORK/busy"
-        for n in $order; do bw[$n]=$(run "$n" "$job"); done
-        printf '%s r%d: old %d MB/s  new %d  nbdkit-raw %d   new/old %s  old/raw %s  new/raw %s%s\n' "$job" "$r" \
-            $((bw[A] / 1000000)) $((bw[B] / 1000000)) $((bw[K] / 1000000)) \
+        for n in $order; do read -r "bw[$n]" "cpu[$n]" < <(run "$n" "$job"); done
+        printf '%s r%d: old %d MB/s  new %d  nbdkit-raw %d   new/old %s  old/raw %s  new/raw %s   server us CPU/MiB: old %d  new %d  raw %d%s\n' \
+            "$job" "$r" $((bw[A] / 1000000)) $((bw[B] / 1000000)) $((bw[K] / 1000000)) \
             "$(ratio "${bw[B]}" "${bw[A]}")" "$(ratio "${bw[A]}" "${bw[K]}")" "$(ratio "${bw[B]}" "${bw[K]}")" \
-            "$(paste -sd ' ' "$WORK/busy" | sed 's/^./  &/')"
+            "${cpu[A]}" "${cpu[B]}" "${cpu[K]}" "$(paste -sd ' ' "$WORK/busy" | sed 's/^./  &/')"
         ratio "${bw[B]}" "${bw[A]}" >>"$WORK/r.new_old"
         ratio "${bw[A]}" "${bw[K]}" >>"$WORK/r.old_raw"
         ratio "${bw[B]}" "${bw[K]}" >>"$WORK/r.new_raw"
+        ratio "${cpu[B]}" "${cpu[A]}" >>"$WORK/r.cpu"
     done
-    echo "$job median: new/old $(median <"$WORK/r.new_old")  old/raw $(median <"$WORK/r.old_raw")  new/raw $(median <"$WORK/r.new_raw")"
+    echo "$job median: new/old $(median <"$WORK/r.new_old")  old/raw $(median <"$WORK/r.old_raw")  new/raw $(median <"$WORK/r.new_raw")  server CPU per MiB new/old $(median <"$WORK/r.cpu")"
 done
