@@ -20,7 +20,8 @@
 # build against itself gave NEW/OLD 0.99-1.11 (median 1.03-1.06): smaller differences are noise.
 # Each round also prints each server's CPU time per MiB moved (user + system of the server
 # process over the fio run, ramp included, divided by the MiB the run moved at its measured
-# rate): what a change costs or saves, where the client and other load hide it in MB/s.
+# rate): what a change costs or saves, where the client and other load hide it in MB/s. A
+# wrapper script given as a binary must `exec` the daemon, or its CPU is not the one counted.
 #
 # Env: JOBS="read write" BS=1M QD=8 RUNTIME=6 ROUNDS=4 TRANSPORT=tcp|unix SECTOR=4096
 #      WAIT_IDLE=80 IDLE_MAX_WAIT=60 (WAIT_IDLE=0: do not wait)
@@ -107,7 +108,7 @@ run() { # NAME JOB -> "bytes/s server-CPU-us-per-MiB"
     awk -v bw="$bw" -v c="$((c1 - c0))" -v hz="$(getconf CLK_TCK)" -v ns="$((t1 - t0))" \
         'BEGIN { mib = bw * ns / 1e9 / 1048576; printf "%d %.0f\n", bw, (mib > 0 ? c / hz * 1e6 / mib : 0) }'
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f\n", a / b }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "nan"; else printf "%.3f\n", a / b }'; }
 median() { sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
 
 echo "old=$OLD new=$NEW transport=$TRANSPORT sector=$SECTOR bs=$BS qd=$QD runtime=${RUNTIME}s"
