@@ -56,8 +56,7 @@ impl Backpressure {
 
     /// Whether a write may be done on a connection's thread now.
     pub(super) fn inline_ok(&self) -> bool {
-        let until = self.until.load(Ordering::Relaxed);
-        until == 0 || self.nanos(Instant::now()) >= until
+        self.inline_at(Instant::now())
     }
 
     /// Runs `write` (of `len` bytes) and says whether the device held it up: `None` if not,
@@ -66,13 +65,24 @@ impl Backpressure {
         let start = Instant::now();
         let r = write();
         let end = Instant::now();
-        if end.duration_since(start) <= slow_limit(len) {
-            return (r, None);
+        (r, self.record(len, end, end.duration_since(start)))
+    }
+
+    /// Accounts for a write of `len` bytes that ended at `end` after `took` (see [`Self::timed`]).
+    fn record(&self, len: usize, end: Instant, took: Duration) -> Option<bool> {
+        if took <= slow_limit(len) {
+            return None;
         }
         let now = self.nanos(end);
         let until = now.saturating_add(u64::try_from(self.hold.as_nanos()).unwrap_or(u64::MAX));
         let before = self.until.fetch_max(until.max(1), Ordering::Relaxed);
-        (r, Some(before == 0 || before <= now))
+        Some(before == 0 || before <= now)
+    }
+
+    /// Whether a write may be done inline at `t` (what [`Self::inline_ok`] asks for now).
+    fn inline_at(&self, t: Instant) -> bool {
+        let until = self.until.load(Ordering::Relaxed);
+        until == 0 || self.nanos(t) >= until
     }
 
     fn nanos(&self, t: Instant) -> u64 {
@@ -83,24 +93,36 @@ impl Backpressure {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::thread::sleep;
 
+    const MS: Duration = Duration::from_millis(1);
+
+    // Synthetic clock readings (`record`, `inline_at`): a test that slept instead would
+    // depend on the test machine's scheduling.
     #[test]
     fn a_slow_write_keeps_writes_off_the_connection_threads_for_the_hold() {
-        let b = Backpressure::with_hold(Duration::from_millis(300));
+        let b = Backpressure::with_hold(300 * MS);
+        let t0 = b.origin;
+        let slow = slow_limit(4096) + 5 * MS;
         assert!(b.inline_ok());
-        let slow = || sleep(slow_limit(4096) + Duration::from_millis(5));
-        assert_eq!(b.timed(4096, || ()).1, None);
-        assert!(b.inline_ok(), "a fast write changes nothing");
-        assert_eq!(b.timed(4096, slow).1, Some(true), "a slow write starts the hold");
+        assert_eq!(b.record(4096, t0 + 10 * MS, MS), None);
+        assert!(b.inline_at(t0 + 10 * MS), "a fast write changes nothing");
+        assert_eq!(b.record(4096, t0 + 30 * MS, slow), Some(true), "a slow write starts the hold");
+        assert!(!b.inline_at(t0 + 31 * MS));
+        assert_eq!(b.record(4096, t0 + 50 * MS, slow), Some(false), "and the next one extends it");
+        assert_eq!(b.record(4096, t0 + 200 * MS, MS), None);
+        assert!(!b.inline_at(t0 + 340 * MS), "a fast write does not end the hold early");
+        assert!(b.inline_at(t0 + 350 * MS), "the hold ends");
+        assert_eq!(b.record(4096, t0 + 400 * MS, slow), Some(true), "a slow write after it starts a new one");
+        assert!(!b.inline_at(t0 + 401 * MS));
+    }
+
+    #[test]
+    fn a_write_is_timed() {
+        let b = Backpressure::with_hold(Duration::from_secs(3600));
+        assert_eq!(b.timed(4096, || 7), (7, None));
+        let ((), held) = b.timed(4096, || std::thread::sleep(slow_limit(4096) + 5 * MS));
+        assert_eq!(held, Some(true));
         assert!(!b.inline_ok());
-        assert_eq!(b.timed(4096, slow).1, Some(false), "and the next one extends it");
-        sleep(Duration::from_millis(150));
-        assert_eq!(b.timed(4096, || ()).1, None);
-        assert!(!b.inline_ok(), "a fast write does not end the hold early");
-        sleep(Duration::from_millis(200));
-        assert!(b.inline_ok(), "the hold ends");
-        assert_eq!(b.timed(4096, slow).1, Some(true), "a slow write after it starts a new one");
     }
 
     #[test]
