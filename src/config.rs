@@ -17,6 +17,7 @@
 //! max_requests_per_connection = 128
 //! max_bytes_per_connection = "12M"
 //! shutdown_grace_secs = 2
+//! io_threads = 32                  # threads waiting on raw volumes at once (default: 16 per CPU)
 //! tls = "require"                  # off | optional | require (default: require if tls_cert is set)
 //! tls_cert = "server-cert.pem"     # PEM chain
 //! tls_key = "server-key.pem"       # PEM private key
@@ -120,6 +121,9 @@ struct RawServer {
     max_bytes_per_connection: String,
     #[serde(default = "default_shutdown_grace")]
     shutdown_grace_secs: u64,
+    /// Default: 16 per connection thread (see `workers`).
+    #[serde(default)]
+    io_threads: Option<usize>,
     #[serde(default)]
     tls: Option<String>,
     #[serde(default)]
@@ -145,6 +149,7 @@ impl Default for RawServer {
             max_requests_per_connection: default_max_requests(),
             max_bytes_per_connection: default_max_bytes(),
             shutdown_grace_secs: default_shutdown_grace(),
+            io_threads: None,
             tls: None,
             tls_cert: None,
             tls_key: None,
@@ -227,6 +232,9 @@ pub struct Config {
     pub max_requests_per_connection: usize,
     pub max_bytes_per_connection: usize,
     pub shutdown_grace_secs: u64,
+    /// Threads that may wait on the raw volumes at once, over all connection threads;
+    /// `None`: [`crate::workers::IO_THREADS_PER_THREAD`] each.
+    pub io_threads: Option<usize>,
     pub tls: TlsSettings,
     pub exports: Vec<ExportConfig>,
     /// The Prometheus endpoint, if any (reloadable).
@@ -429,6 +437,9 @@ impl Config {
             Some(p) if p.as_os_str().is_empty() => ControlSocket::Off,
             Some(p) => ControlSocket::Path(resolve(p)),
         };
+        if raw.server.io_threads == Some(0) {
+            return Err(invalid("server.io_threads must be at least 1".into()));
+        }
         if let Some(level) = &raw.log.level {
             crate::logging::validate_level(level).map_err(|e| invalid(format!("log.level {level:?}: {e}")))?;
         }
@@ -439,6 +450,7 @@ impl Config {
             max_requests_per_connection: raw.server.max_requests_per_connection.max(1),
             max_bytes_per_connection: max_bytes,
             shutdown_grace_secs: raw.server.shutdown_grace_secs,
+            io_threads: raw.server.io_threads,
             tls,
             exports,
             metrics_listen,
@@ -473,6 +485,9 @@ impl Config {
         }
         if self.max_connections != new.max_connections {
             v.push("server.max_connections");
+        }
+        if self.io_threads != new.io_threads {
+            v.push("server.io_threads");
         }
         if self.handshake_timeout_secs != new.handshake_timeout_secs {
             v.push("server.handshake_timeout_secs");
@@ -598,6 +613,19 @@ mod tests {
         assert!(a.needs_restart(&b).is_empty());
         b.max_connections = 3;
         assert_eq!(a.needs_restart(&b), vec!["server.max_connections"]);
+    }
+
+    #[test]
+    fn io_threads_default_to_none_and_zero_is_refused() {
+        let c = Config::parse(EXPORT, Path::new("/a.toml")).unwrap();
+        assert_eq!(c.io_threads, None);
+        let c = Config::parse(&format!("[server]\nio_threads = 48\n{EXPORT}"), Path::new("/a.toml")).unwrap();
+        assert_eq!(c.io_threads, Some(48));
+        let mut b = c.clone();
+        b.io_threads = None;
+        assert_eq!(c.needs_restart(&b), vec!["server.io_threads"]);
+        let err = Config::parse(&format!("[server]\nio_threads = 0\n{EXPORT}"), Path::new("/a.toml")).unwrap_err();
+        assert!(err.to_string().contains("server.io_threads"), "{err}");
     }
 
     #[test]

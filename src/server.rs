@@ -61,6 +61,8 @@ pub enum ListenAddr {
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub max_connections: usize,
+    /// Threads that may wait on the raw volumes at once (see [`Workers::per_core`]).
+    pub io_threads: Option<usize>,
     /// Bounds the whole handshake, TLS included.
     pub handshake_timeout: Duration,
     pub limits: Limits,
@@ -72,6 +74,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_connections: 64,
+            io_threads: None,
             handshake_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             tls: TlsSetup::off(),
@@ -187,8 +190,11 @@ pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let refused = Arc::new(RefusalLog::default());
     let mut tasks = Vec::new();
-    let workers = match Workers::per_core() {
-        Ok(w) => Some(Arc::new(w)),
+    let workers = match Workers::per_core(opts.io_threads) {
+        Ok(w) => {
+            tracing::info!(connection_threads = w.len(), io_threads = w.io_threads(), "connection threads started");
+            Some(Arc::new(w))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot start the connection threads; serving on the main runtime");
             None

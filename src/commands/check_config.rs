@@ -81,6 +81,14 @@ fn render(c: &Config) -> String {
     let _ = writeln!(o, "max_requests_per_connection = {}", c.max_requests_per_connection);
     let _ = writeln!(o, "max_bytes_per_connection = \"{}\"", c.max_bytes_per_connection);
     let _ = writeln!(o, "shutdown_grace_secs = {}", c.shutdown_grace_secs);
+    match c.io_threads {
+        Some(n) => {
+            let _ = writeln!(o, "io_threads = {n}");
+        }
+        None => {
+            let _ = writeln!(o, "# io_threads: default, {} per CPU", crate::workers::IO_THREADS_PER_THREAD);
+        }
+    }
     let _ = writeln!(o, "tls = {:?}", format!("{:?}", c.tls.mode).to_lowercase());
     match c.metrics_listen {
         Some(a) => {

@@ -105,6 +105,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
     );
     let opts = ServerOptions {
         max_connections: config.max_connections,
+        io_threads: config.io_threads,
         handshake_timeout: Duration::from_secs(config.handshake_timeout_secs),
         limits: Limits {
             max_requests: config.max_requests_per_connection,
@@ -179,6 +180,7 @@ fn load_config(args: &ServeArgs) -> Result<Config, CmdError> {
                 max_requests_per_connection: Limits::default().max_requests,
                 max_bytes_per_connection: Limits::default().max_bytes,
                 shutdown_grace_secs: Limits::default().shutdown_grace.as_secs(),
+                io_threads: args.io_threads.map(|n| n as usize),
                 tls,
                 exports: vec![cfg],
                 metrics_listen: None,
