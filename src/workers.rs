@@ -18,10 +18,10 @@
 //! to sleep and woken for its one request. With `--direct` on this machine's virtio disk, 4 KiB
 //! random reads at QD128 from 4 connections ran 580–1030 threads and made 43,000–73,000 per
 //! second (7 runs); capped at 16 per connection thread (38 threads in all), 76,000–91,000
-//! (5 runs; 32: 84,000–94,000, 64: 78,000–82,000), with 1.7 context switches per request
-//! instead of 3.5, and less CPU. One connection at QD128: 47,000–49,000 against 91,000; random
-//! writes 9,000–39,000 against 26,000–46,000. A device whose latency needs more I/O in flight
-//! than that gets it from `--io-threads`.
+//! (5 runs, and one of 146,000; 32: 84,000–94,000, 64: 78,000–82,000), with 1.7 context
+//! switches per request instead of 3.5, and less CPU. One connection at QD128: 47,000–49,000
+//! against 91,000; random writes 9,000–39,000 against 26,000–46,000. A device whose latency
+//! needs more I/O in flight than that gets it from `--io-threads`.
 
 use std::future::Future;
 use std::io;
@@ -60,8 +60,12 @@ impl Workers {
         let io_threads = io_threads.max(1);
         let mut workers = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
-            let rt =
-                tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(io_threads).build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .max_blocking_threads(io_threads)
+                // Tells them apart from the main runtime's in `top -H` (and in tests).
+                .thread_name(format!("nbdcrypt-io-{i}"))
+                .build()?;
             let handle = rt.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
             let thread = std::thread::Builder::new().name(format!("nbdcrypt-conn-{i}")).spawn(move || {

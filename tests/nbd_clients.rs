@@ -180,6 +180,60 @@ fn connections_are_served_on_one_thread_per_core() {
     assert_eq!(d.stop(), 0);
 }
 
+/// `--io-threads` bounds the threads waiting on the device: with `--direct` every read goes
+/// to the blocking pools, and 128 reads in flight would otherwise start a thread each.
+#[test]
+fn direct_io_runs_on_at_most_io_threads_threads() {
+    let vol = Volume::new(64 << 20, 4096);
+    let d = Daemon::start(&vol, &["--direct", "--io-threads", "4"]);
+    let cores = std::thread::available_parallelism().unwrap().get();
+    // Shared evenly by the connection threads, rounded up.
+    let cap = 4usize.div_ceil(cores) * cores;
+    assert!(d.log_text().contains(&format!("\"io_threads\":{cap}")), "{}", d.log_text());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pid = d.child.id();
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let io = std::fs::read_dir(format!("/proc/{pid}/task"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|t| {
+                        std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("nbdcrypt-io-"))
+                    })
+                    .count();
+                most = most.max(io);
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            most
+        })
+    };
+    check(
+        run(
+            "fio",
+            &[
+                "--name=r",
+                "--ioengine=nbd",
+                &format!("--uri={}", d.uri),
+                "--rw=randread",
+                "--bs=4k",
+                "--iodepth=64",
+                "--numjobs=2",
+                "--time_based",
+                "--runtime=3",
+            ],
+        ),
+        "fio",
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = sampler.join().unwrap();
+    assert!((1..=cap).contains(&most), "{most} blocking threads at once, cap {cap}");
+    assert_eq!(d.stop(), 0);
+}
+
 #[test]
 fn qemu_img_convert_and_compare() {
     let vol = Volume::new(24 << 20, 512);
