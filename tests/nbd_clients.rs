@@ -189,7 +189,8 @@ fn direct_io_runs_on_at_most_io_threads_threads() {
     let cores = std::thread::available_parallelism().unwrap().get();
     // Shared evenly by the connection threads, rounded up.
     let cap = 4usize.div_ceil(cores) * cores;
-    assert!(d.log_text().contains(&format!("\"io_threads\":{cap}")), "{}", d.log_text());
+    // Logged once the listeners run, which may be just after "ready".
+    d.wait_for_log(&format!("\"io_threads\":{cap}"));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pid = d.child.id();
     let sampler = {
