@@ -399,8 +399,9 @@ pub struct ServeArgs {
     /// Seconds a client has to finish the handshake (TLS included).
     #[arg(long, default_value_t = 10, conflicts_with = "config")]
     pub handshake_timeout: u64,
-    /// Most threads waiting on the raw volume at once (cache misses, all I/O with --direct,
-    /// flushes), shared evenly by the connection threads [default: 16 per CPU].
+    /// Most threads serving requests off the connection threads at once (cache misses, all
+    /// I/O with --direct, flushes, large reads and writes), shared evenly by the connection
+    /// threads [default: 16 per CPU].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "config")]
     pub io_threads: Option<u32>,
     /// The device's cloud volume id, compared with the header's binding (default: read from

@@ -17,7 +17,7 @@
 //! max_requests_per_connection = 128
 //! max_bytes_per_connection = "12M"
 //! shutdown_grace_secs = 2
-//! io_threads = 32                  # threads waiting on raw volumes at once (default: 16 per CPU)
+//! io_threads = 32                  # blocking-pool threads in all (default: 16 per CPU)
 //! tls = "require"                  # off | optional | require (default: require if tls_cert is set)
 //! tls_cert = "server-cert.pem"     # PEM chain
 //! tls_key = "server-key.pem"       # PEM private key

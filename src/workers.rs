@@ -16,9 +16,9 @@
 //! Each blocking pool is capped ([`IO_THREADS_PER_THREAD`] by default). With tokio's default,
 //! 512 threads per runtime, a deep queue of device I/O started a thread per request, each put
 //! to sleep and woken for its one request. With `--direct` on this machine's virtio disk, 4 KiB
-//! random reads at QD128 from 4 connections ran 580–1030 threads and made 43,000–73,000 per
-//! second (7 runs); capped at 16 per connection thread (38 threads in all), 76,000–91,000
-//! (5 runs, and one of 146,000; 32: 84,000–94,000, 64: 78,000–82,000), with 1.7 context
+//! random reads at QD128 from 4 connections ran 580–1030 threads and made 40,000–73,000 per
+//! second (10 runs); capped at 16 per connection thread (38 threads in all), 74,000–91,000
+//! (8 runs, and one of 146,000; 32: 84,000–94,000, 64: 78,000–82,000), with 1.7 context
 //! switches per request instead of 3.5, and less CPU. One connection at QD128: 47,000–49,000
 //! against 91,000; random writes 9,000–39,000 against 26,000–46,000. A device whose latency
 //! needs more I/O in flight than that gets it from `--io-threads`.
