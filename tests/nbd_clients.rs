@@ -143,23 +143,29 @@ fn no_map_serves_the_volume_without_mapping_it() {
     }
 }
 
-/// CPU time (clock ticks) of the daemon's connection threads, and how many there are.
-fn connection_threads(pid: u32) -> (usize, u64) {
+/// How many of the daemon's threads have a name starting with `prefix`, and their CPU time
+/// (clock ticks). A thread that ends while being read is skipped.
+fn threads_named(pid: u32, prefix: &str) -> (usize, u64) {
     let mut n = 0;
     let mut ticks = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = t.unwrap().path();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let dir = t.path();
         let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else { continue };
-        if !comm.starts_with("nbdcrypt-conn-") {
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else { continue };
+        if !comm.starts_with(prefix) {
             continue;
         }
-        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
         // Fields after the ")" that ends the name: utime and stime are the 12th and 13th.
         let rest: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
         ticks += rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
         n += 1;
     }
     (n, ticks)
+}
+
+/// CPU time (clock ticks) of the daemon's connection threads, and how many there are.
+fn connection_threads(pid: u32) -> (usize, u64) {
+    threads_named(pid, "nbdcrypt-conn-")
 }
 
 #[test]
@@ -198,15 +204,7 @@ fn direct_io_runs_on_at_most_io_threads_threads() {
         std::thread::spawn(move || {
             let mut most = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let io = std::fs::read_dir(format!("/proc/{pid}/task"))
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter(|t| {
-                        std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with("nbdcrypt-io-"))
-                    })
-                    .count();
-                most = most.max(io);
+                most = most.max(threads_named(pid, "nbdcrypt-io-").0);
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             most
