@@ -228,6 +228,9 @@ where
     };
     let mut inbuf = InBuf::new(INBUF);
     let mut pending: Option<Pending> = None;
+    // A payload read into its own buffer just ended: the next read takes only a header (see
+    // `read_some`).
+    let mut header_next = false;
     // One future for the whole connection: re-creating it per loop turn would register and
     // drop a waiter on the watch channel every time (a few percent of a busy connection's CPU).
     let stop = shutdown.wait_for(|s| *s);
@@ -317,7 +320,7 @@ where
                 reading = false;
                 pending = None;
             }
-            r = read_some(&mut reader, &mut inbuf, &mut pending), if can_read => match r {
+            r = read_some(&mut reader, &mut inbuf, &mut pending, header_next.then_some(format.header_len())), if can_read => match r {
                 Ok(0) => {
                     reading = false;
                     // EOF between requests is the normal end; inside a header or a payload
@@ -336,9 +339,11 @@ where
                             if let Some(p) = pending.take() {
                                 conn.run_write(p.req, WriteData::Owned(p.buf));
                             }
+                            header_next = true;
                         }
                     } else {
                         inbuf.filled(n);
+                        header_next = false;
                     }
                 }
                 Err(e) => {
@@ -353,18 +358,26 @@ where
     result
 }
 
-/// Reads what the socket has into the pending payload, or else into the input buffer.
+/// Reads what the socket has into the pending payload, or else into the input buffer, at
+/// most `limit` bytes there. The caller limits the read after a large payload to one header:
+/// in a stream of large writes the next request is most likely another, and a full read
+/// would bring the start of its payload into the input buffer, to be copied out again (2.3%
+/// of the server's CPU on 1 MiB writes over TCP); one more small read costs less (side by
+/// side over TCP: 256 KiB writes at QD16 1.23×, 1 MiB writes at QD8 1.05×).
 /// Cancel-safe: a read either happened (and is reported) or did not.
 async fn read_some<R: AsyncRead + Unpin>(
     reader: &mut R,
     inbuf: &mut InBuf,
     pending: &mut Option<Pending>,
+    limit: Option<usize>,
 ) -> io::Result<usize> {
     match pending {
         Some(p) => reader.read(&mut p.buf[p.filled..]).await,
         None => {
             inbuf.compact();
-            reader.read(inbuf.spare()).await
+            let spare = inbuf.spare();
+            let n = limit.map_or(spare.len(), |l| l.min(spare.len()));
+            reader.read(&mut spare[..n]).await
         }
     }
 }
@@ -978,6 +991,57 @@ mod tests {
             assert!(read_data(&mut s.client, data.len()).await == *data);
         }
         finish(s).await.unwrap();
+    }
+
+    /// A reader that records how many bytes each read asked for.
+    struct Asks<R> {
+        inner: R,
+        asks: Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl<R: AsyncRead + Unpin> AsyncRead for Asks<R> {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let asked = buf.remaining();
+            let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+            if r.is_ready() {
+                self.asks.lock().unwrap().push(asked);
+            }
+            r
+        }
+    }
+
+    #[tokio::test]
+    async fn header_after_a_large_payload_is_read_on_its_own() {
+        // After a payload read into its own buffer, the next read takes one header, so the
+        // next large payload goes straight into its buffer instead of through the input
+        // buffer (from which it would be copied). Three 384 KiB writes and DISC, all sent at
+        // once: the headers of the second, the third and DISC are read on their own.
+        let (mut client, server) = tokio::io::duplex(4 << 20);
+        let (r, w) = tokio::io::split(server);
+        let asks = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let reader = Asks { inner: r, asks: asks.clone() };
+        let (_stop, rx) = watch::channel(false);
+        let export = export(true, SectorSize::S4096);
+        let neg = Negotiated { export, structured_replies: false, extended_headers: false };
+        let task = tokio::spawn(serve(reader, w, neg, Limits::default(), Transport::Tcp, rx));
+        let len = GATHER_MAX * 3;
+        let mut wire = Vec::new();
+        for i in 0..3u64 {
+            wire.extend_from_slice(&req(Command::Write, i, i * len as u64, len as u32).encode());
+            wire.extend_from_slice(&pattern(len, i as u8));
+        }
+        wire.extend_from_slice(&req(Command::Disc, 9, 0, 0).encode());
+        client.write_all(&wire).await.unwrap();
+        for _ in 0..3 {
+            assert_eq!(simple(&mut client).await.0, 0);
+        }
+        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap().unwrap();
+        let asks = asks.lock().unwrap();
+        assert_eq!(asks.iter().filter(|&&a| a == REQUEST_LEN).count(), 3, "reads asked for {asks:?}");
     }
 
     #[tokio::test]
