@@ -2,7 +2,8 @@
 //!
 //! One task per connection reads requests, serves those that need not wait for a device on
 //! the spot, and writes the replies. Requests arrive in batches (one `read` into a 256 KiB
-//! input buffer usually brings many headers, or a header with its payload); a read that hits
+//! input buffer usually brings many headers, or a header with its payload; a payload over
+//! 128 KiB is read into a buffer of its own, and the header after it alone); a read that hits
 //! the page cache (by `mincore` on the volume's mapping, else `preadv2(RWF_NOWAIT)`) is
 //! decrypted into a pooled buffer, a page-aligned write is encrypted in place in the input
 //! buffer and copied into the page cache, and the replies of the whole batch leave in one
