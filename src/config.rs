@@ -232,7 +232,8 @@ pub struct Config {
     pub max_requests_per_connection: usize,
     pub max_bytes_per_connection: usize,
     pub shutdown_grace_secs: u64,
-    /// Threads that may wait on the raw volumes at once, over all connection threads;
+    /// Blocking-pool threads in all (cache misses, direct I/O, flushes, large reads and
+    /// writes), shared by the connection threads;
     /// `None`: [`crate::workers::IO_THREADS_PER_THREAD`] each.
     pub io_threads: Option<usize>,
     pub tls: TlsSettings,

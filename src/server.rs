@@ -61,7 +61,8 @@ pub enum ListenAddr {
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     pub max_connections: usize,
-    /// Threads that may wait on the raw volumes at once (see [`Workers::per_core`]).
+    /// Blocking-pool threads in all, serving requests off the connection threads (cache
+    /// misses, direct I/O, flushes, large reads and writes); see [`Workers::per_core`].
     pub io_threads: Option<usize>,
     /// Bounds the whole handshake, TLS included.
     pub handshake_timeout: Duration,
