@@ -151,10 +151,10 @@ fn threads_named(pid: u32, prefix: &str) -> (usize, u64) {
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
         let dir = t.path();
         let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else { continue };
-        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else { continue };
         if !comm.starts_with(prefix) {
             continue;
         }
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else { continue };
         // Fields after the ")" that ends the name: utime and stime are the 12th and 13th.
         let rest: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
         ticks += rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
