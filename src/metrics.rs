@@ -397,6 +397,17 @@ pub fn encode(exports: &[ExportView<'_>], process: ProcessView) -> String {
         "Log lines dropped because the log sink (stderr) did not take them.",
     );
     let _ = writeln!(out, "nbdcrypt_log_lines_dropped_total {}", crate::logging::dropped_lines());
+    let conns = crate::server::connection_counters();
+    header(&mut out, "nbdcrypt_connections_refused_total", "counter", "Connections refused at max_connections.");
+    let _ = writeln!(out, "nbdcrypt_connections_refused_total {}", conns.refused);
+    header(
+        &mut out,
+        "nbdcrypt_handshakes_failed_total",
+        "counter",
+        "Connections that ended before the transmission phase, by reason (error: bad option data, TLS, a reset; timeout: handshake_timeout_secs).",
+    );
+    let _ = writeln!(out, "nbdcrypt_handshakes_failed_total{{reason=\"error\"}} {}", conns.handshake_errors);
+    let _ = writeln!(out, "nbdcrypt_handshakes_failed_total{{reason=\"timeout\"}} {}", conns.handshake_timeouts);
 
     let per_export =
         |out: &mut String, name: &str, kind: &str, help: &str, f: &dyn Fn(&mut String, &ExportView, &str)| {

@@ -189,7 +189,6 @@ pub fn lookup_id(who: &str, db: &str, what: &str) -> std::io::Result<u32> {
 pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions, shutdown: watch::Receiver<bool>) {
     let cap = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    let refused = Arc::new(RefusalLog::default());
     let mut tasks = Vec::new();
     let workers = match Workers::per_core(opts.io_threads) {
         Ok(w) => {
@@ -208,7 +207,6 @@ pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions
             cap: cap.clone(),
             shutdown: shutdown.clone(),
             done: done_tx.clone(),
-            refused: refused.clone(),
         };
         tasks.push(tokio::spawn(accept_loop(l, ctx, workers.clone())));
     }
@@ -222,23 +220,58 @@ pub async fn run(listeners: Vec<Listener>, catalog: Catalog, opts: ServerOptions
     drop(workers);
 }
 
-/// Connections refused at the cap: logged at most once a second, with a count, so a flood
-/// cannot flood the log too.
-#[derive(Debug, Default)]
-struct RefusalLog {
+/// Connections refused at the connection cap, since start.
+static REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Handshakes that ended in an error (protocol, TLS or I/O), since start.
+static HANDSHAKE_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Handshakes that ran past the handshake timeout, since start.
+static HANDSHAKE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+/// The log lines for those: anyone who can reach a listener can make them.
+static REFUSED_LOG: Throttle = Throttle::new();
+static HANDSHAKE_LOG: Throttle = Throttle::new();
+
+/// Counts of connections that never got to the transmission phase, for the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionCounters {
+    /// Refused at the connection cap.
+    pub refused: u64,
+    /// Handshakes that failed (bad option data, a TLS failure, a reset).
+    pub handshake_errors: u64,
+    /// Handshakes that took longer than the handshake timeout.
+    pub handshake_timeouts: u64,
+}
+
+/// The counters since the process started (every server in it).
+pub fn connection_counters() -> ConnectionCounters {
+    ConnectionCounters {
+        refused: REFUSED.load(Ordering::Relaxed),
+        handshake_errors: HANDSHAKE_ERRORS.load(Ordering::Relaxed),
+        handshake_timeouts: HANDSHAKE_TIMEOUTS.load(Ordering::Relaxed),
+    }
+}
+
+/// A log line that a flood of connections would repeat (a refusal at the cap, a failed
+/// handshake): written at most once a second, with the number of events it stands for. A
+/// flood then cannot flood the log, nor use up a journal's rate limit (journald's default: 10,000
+/// lines in 30 s per service) and get the lines that matter dropped with it.
+#[derive(Debug)]
+struct Throttle {
     last_logged_sec: AtomicU64,
     unlogged: AtomicU64,
 }
 
-impl RefusalLog {
-    fn refused(&self, peer: &str, cap: usize) {
+impl Throttle {
+    const fn new() -> Throttle {
+        Throttle { last_logged_sec: AtomicU64::new(0), unlogged: AtomicU64::new(0) }
+    }
+
+    /// Counts one event; `Some(n)` when this one is to be logged, `n` being the events since
+    /// the last line (this one included).
+    fn admit(&self) -> Option<u64> {
         let now =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
-        let count = self.unlogged.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.last_logged_sec.swap(now, Ordering::Relaxed) != now {
-            self.unlogged.store(0, Ordering::Relaxed);
-            tracing::warn!(%peer, max_connections = cap, refused = count, "connection refused: connection limit reached");
-        }
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        (self.last_logged_sec.swap(now, Ordering::Relaxed) != now).then(|| self.unlogged.swap(0, Ordering::Relaxed))
     }
 }
 
@@ -249,7 +282,6 @@ struct AcceptCtx {
     cap: Arc<Semaphore>,
     shutdown: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
-    refused: Arc<RefusalLog>,
 }
 
 async fn accept_loop(listener: Listener, mut ctx: AcceptCtx, workers: Option<Arc<Workers>>) {
@@ -269,7 +301,11 @@ async fn accept_loop(listener: Listener, mut ctx: AcceptCtx, workers: Option<Arc
             }
         };
         let Ok(permit) = ctx.cap.clone().try_acquire_owned() else {
-            ctx.refused.refused(&peer, ctx.opts.max_connections);
+            REFUSED.fetch_add(1, Ordering::Relaxed);
+            if let Some(refused) = REFUSED_LOG.admit() {
+                let cap = ctx.opts.max_connections;
+                tracing::warn!(%peer, max_connections = cap, refused, "connection refused: connection limit reached");
+            }
             continue; // dropping the stream closes it
         };
         let c = ctx.clone();
@@ -403,11 +439,17 @@ where
     };
     let ready = match ready {
         Err(_) => {
-            tracing::info!(%peer, "handshake timed out");
+            HANDSHAKE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+            if let Some(failures) = HANDSHAKE_LOG.admit() {
+                tracing::info!(%peer, failures, "handshake timed out");
+            }
             return;
         }
         Ok(Err(e)) => {
-            tracing::info!(%peer, error = %error_chain(&e), "handshake failed");
+            HANDSHAKE_ERRORS.fetch_add(1, Ordering::Relaxed);
+            if let Some(failures) = HANDSHAKE_LOG.admit() {
+                tracing::info!(%peer, failures, error = %error_chain(&e), "handshake failed");
+            }
             return;
         }
         Ok(Ok(r)) => r,

@@ -134,6 +134,73 @@ fn metrics_scrape_parses_and_counts_requests_by_command_and_errno() {
     assert_eq!(d.stop(), 0);
 }
 
+/// The `key` field of every JSON log line whose message is one of `messages`.
+fn log_fields(d: &Daemon, messages: &[&str], key: &str) -> Vec<u64> {
+    d.log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| messages.iter().any(|m| v["message"] == *m))
+        .map(|v| v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}")))
+        .collect()
+}
+
+#[test]
+fn a_flood_of_bad_connections_is_counted_in_full_and_logged_at_most_once_a_second() {
+    const N: u64 = 60;
+    let vol = Volume::new(8 << 20, 4096);
+    let mport = free_port();
+    let maddr = format!("127.0.0.1:{mport}");
+    // A failed connection's slot is free just after the client sees it closed; 8 slots leave
+    // room for a few of those still in flight.
+    let d = Daemon::start(&vol, &["--metrics-listen", &maddr, "--max-connections", "8"]);
+    let metrics = format!("http://{maddr}/metrics");
+    // The server counts an event just after closing the socket: waits for the count.
+    let scrape_when = |name: &str, labels: &[(&str, &str)]| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let s = Scrape::get(&metrics);
+            if s.value(name, labels) == N as f64 || Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let started = Instant::now();
+    for _ in 0..N {
+        let mut c = common::raw::Raw::connect(d.port);
+        c.greet(0); // not fixed newstyle: the handshake fails
+        assert!(c.is_closed());
+    }
+    scrape_when("nbdcrypt_handshakes_failed_total", &[("reason", "error")]);
+    std::thread::sleep(Duration::from_millis(200));
+    let held: Vec<_> = (0..8).map(|_| common::raw::Raw::connect(d.port).open("t", false).0).collect();
+    for _ in 0..N {
+        assert!(common::raw::Raw::connect(d.port).is_closed(), "over the cap: closed at once");
+    }
+    let secs = started.elapsed().as_secs() + 1;
+    let s = scrape_when("nbdcrypt_connections_refused_total", &[]);
+    assert_eq!(s.value("nbdcrypt_handshakes_failed_total", &[("reason", "error")]), N as f64);
+    assert_eq!(s.value("nbdcrypt_handshakes_failed_total", &[("reason", "timeout")]), 0.0);
+    assert_eq!(s.value("nbdcrypt_connections_refused_total", &[]), N as f64);
+    for (messages, key) in [
+        (&["handshake failed", "handshake timed out"][..], "failures"),
+        (&["connection refused: connection limit reached"][..], "refused"),
+    ] {
+        let counts = log_fields(&d, messages, key);
+        // A line per second at most, each standing for the events since the line before.
+        assert!(
+            !counts.is_empty() && counts.len() as u64 <= secs + 1,
+            "{} {messages:?} lines in {secs} s",
+            counts.len()
+        );
+        assert!((counts.len() as u64) < N, "throttled: {counts:?}");
+        assert_eq!(counts[0], 1, "the first event is logged at once: {counts:?}");
+        assert!(counts.iter().sum::<u64>() <= N, "{counts:?}");
+    }
+    held.into_iter().for_each(|c| c.disconnect());
+    assert_eq!(d.stop(), 0);
+}
+
 #[test]
 fn suspend_holds_io_until_resume_and_the_data_survives() {
     let vol = Volume::new(8 << 20, 4096);
