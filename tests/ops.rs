@@ -182,6 +182,9 @@ fn a_flood_of_bad_connections_is_counted_in_full_and_logged_at_most_once_a_secon
     assert_eq!(s.value("nbdcrypt_handshakes_failed_total", &[("reason", "error")]), N as f64);
     assert_eq!(s.value("nbdcrypt_handshakes_failed_total", &[("reason", "timeout")]), 0.0);
     assert_eq!(s.value("nbdcrypt_connections_refused_total", &[]), N as f64);
+    // Lines are written by the log thread, a little after the event.
+    d.wait_for_log("handshake failed");
+    d.wait_for_log("connection limit reached");
     for (messages, key) in [
         (&["handshake failed", "handshake timed out"][..], "failures"),
         (&["connection refused: connection limit reached"][..], "refused"),
