@@ -16,8 +16,14 @@
 #   WAIT_IDLE % idle over a second; a run that started anyway is marked "busy" in its round.
 #   A fuzzer left running on one core once made a client wait 2-4x longer on one server than
 #   on the other, a difference a quiet machine did not show.
-# Prints each round and the median of NEW/OLD and of each build against nbdkit-raw. The same
-# build against itself gave NEW/OLD 0.99-1.11 (median 1.03-1.06): smaller differences are noise.
+# - Build order of the two volumes' caches: with A's built first and B's second, the same build
+#   against itself made NEW/OLD a median 1.057 (8 rounds of 1 MiB writes over TCP; with all six
+#   run orders cycled, 1.084 in 12), and 0.954 with B's built first: the volume whose cache was
+#   built second ran faster. So A and B are preconditioned at the same time, and K after them:
+#   the same build against itself then gave 1.016 (0.91-1.09, 8 rounds) and 0.998 (0.93-1.05,
+#   6 rounds; reads 0.991, 0.95-1.01).
+# Prints each round and the median of NEW/OLD and of each build against nbdkit-raw. One round
+# varies by up to 9%: a median that differs from 1 by less than about 3% is noise.
 # Each round also prints each server's CPU time per MiB moved (user + system of the server
 # process over the fio run, ramp included, divided by the MiB the run moved at its measured
 # rate): what a change costs or saves, where the client and other load hide it in MB/s. A
@@ -72,10 +78,15 @@ for n in A B K; do
         PIDS+=($!) PID[$n]=$! ;;
     esac
 done
+precondition() { fio --name=pre --ioengine=nbd --uri="${URI[$1]}" --rw=write --bs=1M --iodepth=8 --size=100% >/dev/null 2>&1; }
 for n in A B K; do
     for ((t = 0; t < 100; t++)); do nbdinfo --size "${URI[$n]}" >/dev/null 2>&1 && break; sleep 0.1; done
-    fio --name=pre --ioengine=nbd --uri="${URI[$n]}" --rw=write --bs=1M --iodepth=8 --size=100% >/dev/null 2>&1
 done
+# Both builds' volumes at the same time: the one whose cache was built second ran faster.
+precondition A & pre_a=$!
+precondition B & pre_b=$!
+wait "$pre_a" "$pre_b"
+precondition K
 
 cpu_ticks() { # -> total idle (jiffies, from the first line of /proc/stat)
     awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6; exit}' /proc/stat
