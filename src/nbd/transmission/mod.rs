@@ -364,8 +364,8 @@ where
 /// in a stream of large writes the next request is most likely another, and a full read
 /// would bring the start of its payload into the input buffer, to be copied out again (2.3%
 /// of the server's CPU on 1 MiB writes over TCP); one more small read costs less (side by
-/// side over TCP: 256 KiB writes at QD16 1.11–1.23×, 1 MiB writes at QD8 1.00–1.05×, the
-/// lower figure each time with the builds swapped).
+/// side over TCP, `benches/ab.sh`, 6 rounds: 256 KiB writes at QD16 1.06–1.08×, 1 MiB writes
+/// at QD8 1.07×, at about 0.94× the server's CPU per MiB).
 /// Cancel-safe: a read either happened (and is reported) or did not.
 async fn read_some<R: AsyncRead + Unpin>(
     reader: &mut R,
