@@ -85,7 +85,9 @@ done
 # Both builds' volumes at the same time: the one whose cache was built second ran faster.
 precondition A & pre_a=$!
 precondition B & pre_b=$!
-wait "$pre_a" "$pre_b"
+# One wait per job: `wait A B` returns only B's status, and a failed precondition must stop the run.
+wait "$pre_a"
+wait "$pre_b"
 precondition K
 
 cpu_ticks() { # -> total idle (jiffies, from the first line of /proc/stat)

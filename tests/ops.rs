@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::raw::Raw;
 use common::*;
 
 const PY: &str = "/usr/bin/python3";
@@ -167,15 +168,15 @@ fn a_flood_of_bad_connections_is_counted_in_full_and_logged_at_most_once_a_secon
     };
     let started = Instant::now();
     for _ in 0..N {
-        let mut c = common::raw::Raw::connect(d.port);
+        let mut c = Raw::connect(d.port);
         c.greet(0); // not fixed newstyle: the handshake fails
         assert!(c.is_closed());
     }
     scrape_when("nbdcrypt_handshakes_failed_total", &[("reason", "error")]);
     std::thread::sleep(Duration::from_millis(200));
-    let held: Vec<_> = (0..8).map(|_| common::raw::Raw::connect(d.port).open("t", false).0).collect();
+    let held: Vec<_> = (0..8).map(|_| Raw::connect(d.port).open("t", false).0).collect();
     for _ in 0..N {
-        assert!(common::raw::Raw::connect(d.port).is_closed(), "over the cap: closed at once");
+        assert!(Raw::connect(d.port).is_closed(), "over the cap: closed at once");
     }
     let secs = started.elapsed().as_secs() + 1;
     let s = scrape_when("nbdcrypt_connections_refused_total", &[]);
