@@ -692,3 +692,72 @@ fn a_log_sink_that_stops_taking_lines_does_not_stall_connections() {
     let s = Scrape::get(&format!("http://{maddr}/metrics"));
     assert!(s.value("nbdcrypt_log_lines_dropped_total", &[]) > 0.0, "the sink never filled: the test proves nothing");
 }
+
+/// The daemon's anonymous memory (`RssAnon` in /proc/PID/status), in KiB.
+fn rss_anon_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Connections that go quiet after a burst of 1 MiB requests give their pooled buffers back
+/// after `IDLE_RELEASE` (5 s), not at once (a busy client keeps reusing them) and not only
+/// when they close; the same connections then serve the same data again.
+#[test]
+fn idle_connections_give_their_buffers_back_and_keep_serving() {
+    use std::io::{BufRead, BufReader, Write};
+    let vol = Volume::new(64 << 20, 4096);
+    let d = Daemon::start(&vol, &[]);
+    let pid = d.child.id();
+    let at_rest = rss_anon_kib(pid);
+    // Four connections writing, then reading, 12 MiB each, all requests sent at once (12 in
+    // flight per connection: its whole budget), the data checked; the reads again on each line
+    // of stdin.
+    let script = "import nbd, sys\n\
+        hs = [nbd.NBD() for _ in range(4)]\n\
+        for h in hs: h.connect_uri(sys.argv[1])\n\
+        def burst(write):\n    \
+            bufs = [[nbd.Buffer(1 << 20) for _ in range(12)] for _ in hs]\n    \
+            for i, h in enumerate(hs):\n        \
+                for j, b in enumerate(bufs[i]):\n            \
+                    off = (i * 12 + j) << 20\n            \
+                    if write: h.aio_pwrite(bytes([i * 12 + j + 1]) * (1 << 20), off)\n            \
+                    else: h.aio_pread(b, off)\n    \
+            for h in hs:\n        \
+                while h.aio_in_flight() > 0: h.poll(-1)\n    \
+            if not write:\n        \
+                for i in range(len(hs)):\n            \
+                    for j, b in enumerate(bufs[i]): assert b.to_bytearray() == bytes([i * 12 + j + 1]) * (1 << 20), (i, j)\n\
+        burst(True)\n\
+        burst(False)\n\
+        print('burst', flush=True)\n\
+        for _ in sys.stdin:\n    \
+            burst(False)\n    \
+            print('again', flush=True)\n";
+    let mut py =
+        Command::new(PY).args(["-c", script, &d.uri]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
+    let mut stdin = py.stdin.take().unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "burst");
+    let busy = rss_anon_kib(pid);
+    assert!(busy > at_rest + 4 * 4 * 1024, "the burst did not fill the pools ({at_rest} -> {busy} KiB)");
+    std::thread::sleep(Duration::from_secs(2));
+    let soon = rss_anon_kib(pid);
+    assert!(soon > at_rest + 4 * 4 * 1024, "buffers went before the connections were idle for long ({soon} KiB)");
+    // Then at most the input buffers (4 x 256 KiB) and some slack above the daemon at rest.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let released = loop {
+        let now = rss_anon_kib(pid);
+        if now < at_rest + 4 * 256 + 4096 {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "idle buffers were kept: {at_rest} at rest, {busy} busy, {now} KiB now");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(log_fields(&d, &["idle connection: buffers released"], "bytes").len(), 4, "{}", d.log_text());
+    writeln!(stdin, "go").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "again");
+    drop(stdin);
+    assert!(py.wait().unwrap().success());
+    eprintln!("RssAnon: {at_rest} KiB at rest, {busy} after the burst, {soon} 2 s later, {released} once idle");
+}
