@@ -18,6 +18,7 @@
 //! max_bytes_per_connection = "12M"
 //! shutdown_grace_secs = 2
 //! io_threads = 32                  # blocking-pool threads in all (default: 16 per CPU)
+//! busy_poll_us = 50                 # spin this long for a quiet connection's next request
 //! tls = "require"                  # off | optional | require (default: require if tls_cert is set)
 //! tls_cert = "server-cert.pem"     # PEM chain
 //! tls_key = "server-key.pem"       # PEM private key
@@ -125,6 +126,8 @@ struct RawServer {
     #[serde(default)]
     io_threads: Option<usize>,
     #[serde(default)]
+    busy_poll_us: u64,
+    #[serde(default)]
     tls: Option<String>,
     #[serde(default)]
     tls_cert: Option<PathBuf>,
@@ -150,6 +153,7 @@ impl Default for RawServer {
             max_bytes_per_connection: default_max_bytes(),
             shutdown_grace_secs: default_shutdown_grace(),
             io_threads: None,
+            busy_poll_us: 0,
             tls: None,
             tls_cert: None,
             tls_key: None,
@@ -176,6 +180,9 @@ fn default_max_requests() -> usize {
 fn default_max_bytes() -> String {
     "12M".into()
 }
+/// Longest busy poll accepted: a millisecond of spinning already outlasts any wake-up it saves.
+pub const MAX_BUSY_POLL_US: u64 = 1000;
+
 fn default_shutdown_grace() -> u64 {
     2
 }
@@ -236,6 +243,9 @@ pub struct Config {
     /// writes), shared by the connection threads;
     /// `None`: [`crate::workers::IO_THREADS_PER_THREAD`] each.
     pub io_threads: Option<usize>,
+    /// Microseconds a connection thread polls for a quiet connection's next request before it
+    /// sleeps (0: never; see [`crate::nbd::transmission::Limits::busy_poll`]).
+    pub busy_poll_us: u64,
     pub tls: TlsSettings,
     pub exports: Vec<ExportConfig>,
     /// The Prometheus endpoint, if any (reloadable).
@@ -441,6 +451,9 @@ impl Config {
         if raw.server.io_threads == Some(0) {
             return Err(invalid("server.io_threads must be at least 1".into()));
         }
+        if raw.server.busy_poll_us > MAX_BUSY_POLL_US {
+            return Err(invalid(format!("server.busy_poll_us must be at most {MAX_BUSY_POLL_US}")));
+        }
         if let Some(level) = &raw.log.level {
             crate::logging::validate_level(level).map_err(|e| invalid(format!("log.level {level:?}: {e}")))?;
         }
@@ -452,6 +465,7 @@ impl Config {
             max_bytes_per_connection: max_bytes,
             shutdown_grace_secs: raw.server.shutdown_grace_secs,
             io_threads: raw.server.io_threads,
+            busy_poll_us: raw.server.busy_poll_us,
             tls,
             exports,
             metrics_listen,
@@ -489,6 +503,9 @@ impl Config {
         }
         if self.io_threads != new.io_threads {
             v.push("server.io_threads");
+        }
+        if self.busy_poll_us != new.busy_poll_us {
+            v.push("server.busy_poll_us");
         }
         if self.handshake_timeout_secs != new.handshake_timeout_secs {
             v.push("server.handshake_timeout_secs");
@@ -614,6 +631,17 @@ mod tests {
         assert!(a.needs_restart(&b).is_empty());
         b.max_connections = 3;
         assert_eq!(a.needs_restart(&b), vec!["server.max_connections"]);
+    }
+
+    #[test]
+    fn busy_poll_defaults_to_off_and_is_bounded() {
+        let c = Config::parse(EXPORT, Path::new("/a.toml")).unwrap();
+        assert_eq!(c.busy_poll_us, 0);
+        let b = Config::parse(&format!("[server]\nbusy_poll_us = 50\n{EXPORT}"), Path::new("/a.toml")).unwrap();
+        assert_eq!(b.busy_poll_us, 50);
+        assert_eq!(c.needs_restart(&b), vec!["server.busy_poll_us"]);
+        let err = Config::parse(&format!("[server]\nbusy_poll_us = 1001\n{EXPORT}"), Path::new("/a.toml")).unwrap_err();
+        assert!(err.to_string().contains("server.busy_poll_us"), "{err}");
     }
 
     #[test]

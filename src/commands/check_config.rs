@@ -81,6 +81,7 @@ fn render(c: &Config) -> String {
     let _ = writeln!(o, "max_requests_per_connection = {}", c.max_requests_per_connection);
     let _ = writeln!(o, "max_bytes_per_connection = \"{}\"", c.max_bytes_per_connection);
     let _ = writeln!(o, "shutdown_grace_secs = {}", c.shutdown_grace_secs);
+    let _ = writeln!(o, "busy_poll_us = {}", c.busy_poll_us);
     match c.io_threads {
         Some(n) => {
             let _ = writeln!(o, "io_threads = {n}");

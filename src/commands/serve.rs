@@ -101,7 +101,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
 
     tracing::info!(
         tls = ?tls.mode, client_certificates = tls.verifies_clients,
-        max_connections = config.max_connections, "server options"
+        max_connections = config.max_connections, busy_poll_us = config.busy_poll_us, "server options"
     );
     let opts = ServerOptions {
         max_connections: config.max_connections,
@@ -111,6 +111,7 @@ pub(super) async fn serve(args: ServeArgs) -> Result<(), CmdError> {
             max_requests: config.max_requests_per_connection,
             max_bytes: config.max_bytes_per_connection,
             shutdown_grace: Duration::from_secs(config.shutdown_grace_secs),
+            busy_poll: Duration::from_micros(config.busy_poll_us),
         },
         tls,
     };
@@ -181,6 +182,7 @@ fn load_config(args: &ServeArgs) -> Result<Config, CmdError> {
                 max_bytes_per_connection: Limits::default().max_bytes,
                 shutdown_grace_secs: Limits::default().shutdown_grace.as_secs(),
                 io_threads: args.io_threads.map(|n| n as usize),
+                busy_poll_us: args.busy_poll_us,
                 tls,
                 exports: vec![cfg],
                 metrics_listen: None,
