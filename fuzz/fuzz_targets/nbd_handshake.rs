@@ -98,7 +98,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(!matches!(outcome, Ok(Outcome::StartTls)), "a second STARTTLS was accepted");
         }
         if let Ok(Outcome::Transmission(neg)) = outcome {
-            let limits = Limits { max_requests: 16, max_bytes: 1 << 20, shutdown_grace: Duration::from_secs(1) };
+            let limits =
+                Limits { max_requests: 16, max_bytes: 1 << 20, shutdown_grace: Duration::from_secs(1), ..Limits::default() };
             let (r, w) = tokio::io::split(server);
             let _ = serve(r, w, neg, limits, Transport::Tcp, shutdown.clone()).await;
         } else {

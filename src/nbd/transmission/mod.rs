@@ -21,7 +21,7 @@
 //! (read from the socket, reply not yet written) and their payload bytes. At either bound the
 //! connection stops reading until replies drain, so a client that does not read its replies
 //! stops being read from. Buffers come from a per-connection pool and return to it once their
-//! reply is written; a connection that starts no request for [`IDLE_RELEASE`] frees them.
+//! reply is written; a connection that starts no request for 5 s frees them.
 //!
 //! Two error tiers: a request that fails gets an errno in its reply and the connection goes
 //! on; a protocol violation (bad magic, a write payload larger than advertised) ends the
