@@ -125,7 +125,7 @@ struct RawServer {
     /// Default: 16 per connection thread (see `workers`).
     #[serde(default)]
     io_threads: Option<usize>,
-    #[serde(default)]
+    #[serde(default = "default_busy_poll_us")]
     busy_poll_us: u64,
     #[serde(default)]
     tls: Option<String>,
@@ -153,7 +153,7 @@ impl Default for RawServer {
             max_bytes_per_connection: default_max_bytes(),
             shutdown_grace_secs: default_shutdown_grace(),
             io_threads: None,
-            busy_poll_us: 0,
+            busy_poll_us: default_busy_poll_us(),
             tls: None,
             tls_cert: None,
             tls_key: None,
@@ -180,6 +180,10 @@ fn default_max_requests() -> usize {
 fn default_max_bytes() -> String {
     "12M".into()
 }
+fn default_busy_poll_us() -> u64 {
+    crate::nbd::transmission::Limits::default().busy_poll.as_micros() as u64
+}
+
 /// Longest busy poll accepted: a millisecond of spinning already outlasts any wake-up it saves.
 pub const MAX_BUSY_POLL_US: u64 = 1000;
 
@@ -244,7 +248,7 @@ pub struct Config {
     /// `None`: [`crate::workers::IO_THREADS_PER_THREAD`] each.
     pub io_threads: Option<usize>,
     /// Microseconds a connection thread polls for a quiet connection's next request before it
-    /// sleeps (0: never; see [`crate::nbd::transmission::Limits::busy_poll`]).
+    /// sleeps (default 50; 0: never; see [`crate::nbd::transmission::Limits::busy_poll`]).
     pub busy_poll_us: u64,
     pub tls: TlsSettings,
     pub exports: Vec<ExportConfig>,
@@ -634,11 +638,11 @@ mod tests {
     }
 
     #[test]
-    fn busy_poll_defaults_to_off_and_is_bounded() {
+    fn busy_poll_defaults_to_50_us_and_is_bounded() {
         let c = Config::parse(EXPORT, Path::new("/a.toml")).unwrap();
-        assert_eq!(c.busy_poll_us, 0);
-        let b = Config::parse(&format!("[server]\nbusy_poll_us = 50\n{EXPORT}"), Path::new("/a.toml")).unwrap();
-        assert_eq!(b.busy_poll_us, 50);
+        assert_eq!(c.busy_poll_us, 50);
+        let b = Config::parse(&format!("[server]\nbusy_poll_us = 0\n{EXPORT}"), Path::new("/a.toml")).unwrap();
+        assert_eq!(b.busy_poll_us, 0);
         assert_eq!(c.needs_restart(&b), vec!["server.busy_poll_us"]);
         let err = Config::parse(&format!("[server]\nbusy_poll_us = 1001\n{EXPORT}"), Path::new("/a.toml")).unwrap_err();
         assert!(err.to_string().contains("server.busy_poll_us"), "{err}");
