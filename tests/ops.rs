@@ -226,7 +226,7 @@ fn suspend_holds_io_until_resume_and_the_data_survives() {
     assert_eq!(st["unlocked_key_allocations"], 0, "{st}");
     let pages = st["locked_key_pages"].as_u64().unwrap();
     assert!(pages > 0, "{st}");
-    assert!(vm_locked_kib(st["pid"].as_u64().unwrap()) >= pages * page_kib(), "{st}");
+    assert!(status_kib(st["pid"].as_u64().unwrap(), "VmLck") >= pages * page_kib(), "{st}");
 
     check(nbdcrypt(&["suspend", "--control-socket", ctl.to_str().unwrap()]), "suspend");
     let st = status_json(&ctl);
@@ -642,10 +642,10 @@ fn page_kib() -> u64 {
     String::from_utf8(out.stdout).unwrap().trim().parse::<u64>().unwrap() / 1024
 }
 
-/// The daemon's locked memory (`VmLck` in /proc/PID/status), in KiB.
-fn vm_locked_kib(pid: u64) -> u64 {
+/// A memory figure of the daemon in KiB: `field` of /proc/PID/status (`VmLck`, `RssAnon`).
+fn status_kib(pid: u64, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmLck:")).unwrap();
+    let line = status.lines().find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':'))).unwrap();
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
@@ -693,13 +693,6 @@ fn a_log_sink_that_stops_taking_lines_does_not_stall_connections() {
     assert!(s.value("nbdcrypt_log_lines_dropped_total", &[]) > 0.0, "the sink never filled: the test proves nothing");
 }
 
-/// The daemon's anonymous memory (`RssAnon` in /proc/PID/status), in KiB.
-fn rss_anon_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("RssAnon:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 /// Connections that go quiet after a burst of 1 MiB requests give their pooled buffers back
 /// after `IDLE_RELEASE` (5 s), not at once (a busy client keeps reusing them) and not only
 /// when they close; the same connections then serve the same data again.
@@ -708,8 +701,8 @@ fn idle_connections_give_their_buffers_back_and_keep_serving() {
     use std::io::{BufRead, BufReader, Write};
     let vol = Volume::new(64 << 20, 4096);
     let d = Daemon::start(&vol, &[]);
-    let pid = d.child.id();
-    let at_rest = rss_anon_kib(pid);
+    let pid = u64::from(d.child.id());
+    let at_rest = status_kib(pid, "RssAnon");
     // Four connections writing, then reading, 12 MiB each, all requests sent at once (12 in
     // flight per connection: its whole budget), the data checked; the reads again on each line
     // of stdin.
@@ -739,15 +732,15 @@ fn idle_connections_give_their_buffers_back_and_keep_serving() {
     let mut lines = BufReader::new(py.stdout.take().unwrap()).lines();
     let mut stdin = py.stdin.take().unwrap();
     assert_eq!(lines.next().unwrap().unwrap(), "burst");
-    let busy = rss_anon_kib(pid);
+    let busy = status_kib(pid, "RssAnon");
     assert!(busy > at_rest + 4 * 4 * 1024, "the burst did not fill the pools ({at_rest} -> {busy} KiB)");
     std::thread::sleep(Duration::from_secs(2));
-    let soon = rss_anon_kib(pid);
+    let soon = status_kib(pid, "RssAnon");
     assert!(soon > at_rest + 4 * 4 * 1024, "buffers went before the connections were idle for long ({soon} KiB)");
     // Then at most the input buffers (4 x 256 KiB) and some slack above the daemon at rest.
     let deadline = Instant::now() + Duration::from_secs(10);
     let released = loop {
-        let now = rss_anon_kib(pid);
+        let now = status_kib(pid, "RssAnon");
         if now < at_rest + 4 * 256 + 4096 {
             break now;
         }
