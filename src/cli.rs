@@ -406,8 +406,8 @@ pub struct ServeArgs {
     pub io_threads: Option<u32>,
     /// Microseconds to keep polling a connection with nothing in flight for its next request
     /// before sleeping: spends CPU to save the wake-up (on a VM, tens of µs) at low queue
-    /// depth. 0 never polls; at most 1000.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(0..=1000), conflicts_with = "config")]
+    /// depth, when the client turns around fast. 0 (the default) never polls; at most 1000.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1000), conflicts_with = "config")]
     pub busy_poll_us: u64,
     /// The device's cloud volume id, compared with the header's binding (default: read from
     /// the EBS NVMe serial number in sysfs).

@@ -248,7 +248,7 @@ pub struct Config {
     /// `None`: [`crate::workers::IO_THREADS_PER_THREAD`] each.
     pub io_threads: Option<usize>,
     /// Microseconds a connection thread polls for a quiet connection's next request before it
-    /// sleeps (default 50; 0: never; see [`crate::nbd::transmission::Limits::busy_poll`]).
+    /// sleeps (default 0: never; see [`crate::nbd::transmission::Limits::busy_poll`]).
     pub busy_poll_us: u64,
     pub tls: TlsSettings,
     pub exports: Vec<ExportConfig>,
@@ -638,11 +638,11 @@ mod tests {
     }
 
     #[test]
-    fn busy_poll_defaults_to_50_us_and_is_bounded() {
+    fn busy_poll_defaults_to_off_and_is_bounded() {
         let c = Config::parse(EXPORT, Path::new("/a.toml")).unwrap();
-        assert_eq!(c.busy_poll_us, 50);
-        let b = Config::parse(&format!("[server]\nbusy_poll_us = 0\n{EXPORT}"), Path::new("/a.toml")).unwrap();
-        assert_eq!(b.busy_poll_us, 0);
+        assert_eq!(c.busy_poll_us, 0);
+        let b = Config::parse(&format!("[server]\nbusy_poll_us = 50\n{EXPORT}"), Path::new("/a.toml")).unwrap();
+        assert_eq!(b.busy_poll_us, 50);
         assert_eq!(c.needs_restart(&b), vec!["server.busy_poll_us"]);
         let err = Config::parse(&format!("[server]\nbusy_poll_us = 1001\n{EXPORT}"), Path::new("/a.toml")).unwrap_err();
         assert!(err.to_string().contains("server.busy_poll_us"), "{err}");
