@@ -406,8 +406,9 @@ pub struct ServeArgs {
     pub io_threads: Option<u32>,
     /// Microseconds to keep polling a connection with nothing in flight for its next request
     /// before sleeping: spends CPU to save the wake-up (on a VM, tens of µs) at low queue
-    /// depth, when the client turns around fast. 0 (the default) never polls; at most 1000.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=crate::config::MAX_BUSY_POLL_US), conflicts_with = "config")]
+    /// depth, when the client turns around fast. Adaptive: a connection whose client does not
+    /// come back in time polls ever more rarely. 0 never polls; at most 1000.
+    #[arg(long, default_value_t = crate::config::default_busy_poll_us(), value_parser = clap::value_parser!(u64).range(0..=crate::config::MAX_BUSY_POLL_US), conflicts_with = "config")]
     pub busy_poll_us: u64,
     /// The device's cloud volume id, compared with the header's binding (default: read from
     /// the EBS NVMe serial number in sysfs).

@@ -18,7 +18,7 @@
 //! max_bytes_per_connection = "12M"
 //! shutdown_grace_secs = 2
 //! io_threads = 32                  # blocking-pool threads in all (default: 16 per CPU)
-//! busy_poll_us = 50                 # spin this long for a quiet connection's next request
+//! busy_poll_us = 50                # poll a quiet connection this long for its next request
 //! tls = "require"                  # off | optional | require (default: require if tls_cert is set)
 //! tls_cert = "server-cert.pem"     # PEM chain
 //! tls_key = "server-key.pem"       # PEM private key
@@ -180,7 +180,8 @@ fn default_max_requests() -> usize {
 fn default_max_bytes() -> String {
     "12M".into()
 }
-fn default_busy_poll_us() -> u64 {
+/// From [`crate::nbd::transmission::Limits`], for the config file and the command line alike.
+pub fn default_busy_poll_us() -> u64 {
     crate::nbd::transmission::Limits::default().busy_poll.as_micros() as u64
 }
 
@@ -248,7 +249,7 @@ pub struct Config {
     /// `None`: [`crate::workers::IO_THREADS_PER_THREAD`] each.
     pub io_threads: Option<usize>,
     /// Microseconds a connection thread polls for a quiet connection's next request before it
-    /// sleeps (default 0: never; see [`crate::nbd::transmission::Limits::busy_poll`]).
+    /// sleeps (0: never; see [`crate::nbd::transmission::Limits::busy_poll`]).
     pub busy_poll_us: u64,
     pub tls: TlsSettings,
     pub exports: Vec<ExportConfig>,
@@ -638,11 +639,11 @@ mod tests {
     }
 
     #[test]
-    fn busy_poll_defaults_to_off_and_is_bounded() {
+    fn busy_poll_defaults_to_50_and_is_bounded() {
         let c = Config::parse(EXPORT, Path::new("/a.toml")).unwrap();
-        assert_eq!(c.busy_poll_us, 0);
-        let b = Config::parse(&format!("[server]\nbusy_poll_us = 50\n{EXPORT}"), Path::new("/a.toml")).unwrap();
-        assert_eq!(b.busy_poll_us, 50);
+        assert_eq!(c.busy_poll_us, 50);
+        let b = Config::parse(&format!("[server]\nbusy_poll_us = 0\n{EXPORT}"), Path::new("/a.toml")).unwrap();
+        assert_eq!(b.busy_poll_us, 0);
         assert_eq!(c.needs_restart(&b), vec!["server.busy_poll_us"]);
         let err = Config::parse(&format!("[server]\nbusy_poll_us = 1001\n{EXPORT}"), Path::new("/a.toml")).unwrap_err();
         assert!(err.to_string().contains("server.busy_poll_us"), "{err}");

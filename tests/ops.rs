@@ -755,6 +755,33 @@ fn idle_connections_give_their_buffers_back_and_keep_serving() {
     eprintln!("RssAnon: {at_rest} KiB at rest, {busy} after the burst, {soon} 2 s later, {released} once idle");
 }
 
+/// `--busy-poll-us` backs off from a client that does not come back within the window (here
+/// 3 ms between requests against a 1 ms window): after each poll in vain the connection skips
+/// polling for twice as many requests as before, so of 300 requests at most 9 cost a window
+/// of CPU (the probes at requests 1, 3, 6, 11, 20, 37, 70, 135, 264), where a fixed window
+/// would burn 300 ms.
+#[test]
+fn busy_poll_backs_off_from_a_client_that_does_not_come_back_in_time() {
+    const N: u64 = 300;
+    let vol = Volume::new(16 << 20, 4096);
+    let d = Daemon::start(&vol, &["--busy-poll-us", "1000"]);
+    let script = "import nbd, sys, time\nh = nbd.NBD()\nh.connect_uri(sys.argv[1])\n\
+        h.pwrite(b'\\xa5' * (1 << 20), 0)\n\
+        for i in range(int(sys.argv[2])):\n    \
+            time.sleep(0.003)\n    \
+            assert h.pread(4096, (i % 256) * 4096) == b'\\xa5' * 4096\n\
+        print('ok')";
+    let out = check(run(PY, &["-c", script, &d.uri, &N.to_string()]), "slow QD1 reads");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    d.wait_for_log("\"busy poll\"");
+    let [hits, misses, skipped] = ["hits", "misses", "skipped"].map(|k| log_fields(&d, &["busy poll"], k)[0]);
+    eprintln!("busy poll: {hits} hits, {misses} misses, {skipped} skipped of {N} requests");
+    // The handshake's quiet period and the write add one period or two.
+    assert!(misses <= 12, "polled in vain {misses} times");
+    assert!(skipped >= N - 20, "skipped only {skipped} of {N} quiet periods");
+    assert_eq!(d.stop(), 0);
+}
+
 /// Voluntary context switches of the daemon's connection threads (`nbdcrypt-conn-N`).
 fn connection_thread_sleeps(pid: u32) -> u64 {
     let mut total = 0;
@@ -797,6 +824,12 @@ fn busy_poll_keeps_the_connection_thread_awake_between_requests() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
         let sleeps = connection_thread_sleeps(d.child.id()) - before;
         per_request.push(sleeps as f64 / N as f64);
+        if poll != "0" {
+            // The client's turnaround fits the window: the poll caught (nearly) every request.
+            d.wait_for_log("\"busy poll\"");
+            let hits = log_fields(&d, &["busy poll"], "hits");
+            assert!(hits[0] > N * 9 / 10, "busy poll caught {hits:?} of {N} requests");
+        }
         assert_eq!(d.stop(), 0);
     }
     eprintln!("connection thread sleeps per request: {per_request:?} (without, with busy poll)");

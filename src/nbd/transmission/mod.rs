@@ -54,9 +54,11 @@ use crate::export::{Export, ExportError, ReadPlan, MAX_REQUEST};
 use crate::metrics::Op;
 
 mod inbuf;
+mod poll;
 mod reply;
 
 use inbuf::InBuf;
+use poll::BusyPoll;
 use reply::{Body, Outbox};
 
 /// Per-connection limits.
@@ -72,14 +74,15 @@ pub struct Limits {
     /// After shutdown starts, how long new requests are still read (and answered
     /// `NBD_ESHUTDOWN`) before the connection is closed.
     pub shutdown_grace: Duration,
-    /// How long after a request starts the connection's thread keeps polling for the next
-    /// one, once nothing is in flight, before it sleeps (zero: never). A request that finds
-    /// the thread asleep pays for waking it: on a small VM an idle vCPU takes tens of µs to
-    /// wake, twice per request at queue depth 1 (the client's side too). Polling costs that
-    /// much CPU instead, and only while a client keeps coming back within the window. 50 µs
-    /// covers fio's turnaround on this project's VM (20 µs caught none of it). Off by default:
-    /// through nbdfuse + loop, a client stack that needs the CPU between requests, 50 µs made
-    /// QD1 reads 0.66× as fast on 2 vCPUs.
+    /// How long the connection's thread keeps polling for the next request once nothing is
+    /// in flight, before it sleeps (zero: never). A request that finds the thread asleep pays
+    /// for waking it: on a small VM an idle vCPU takes tens of µs to wake, twice per request at
+    /// queue depth 1 (the client's side too). Polling costs that much CPU instead. 50 µs covers
+    /// fio's turnaround on this project's VM (20 µs caught none of it). Adaptive (see `poll`):
+    /// a window that ends without a request makes the connection skip the next 1, 2, 4, … up
+    /// to 256 windows, so a client slower than the window costs little: through nbdfuse +
+    /// loop, whose turnaround never fit, QD1 ran as fast as without polling (a fixed window
+    /// made it 0.66× as fast).
     pub busy_poll: Duration,
 }
 
@@ -91,7 +94,7 @@ impl Default for Limits {
             max_requests: 128,
             max_bytes: 12 << 20,
             shutdown_grace: Duration::from_secs(2),
-            busy_poll: Duration::ZERO,
+            busy_poll: Duration::from_micros(50),
         }
     }
 }
@@ -248,6 +251,7 @@ where
         shutting: false,
         discard: 0,
         last_start: Instant::now(),
+        poll: BusyPoll::new(limits.busy_poll),
     };
     let mut inbuf = InBuf::new(INBUF);
     let mut pending: Option<Pending> = None;
@@ -329,11 +333,8 @@ where
         // Only a quiet connection polls the timer: a stream of requests never touches it.
         let quiet = conn.budget.requests == 0 && conn.pool.idle_bytes() > 0;
         // Busy poll: yield to the runtime, which checks the sockets without sleeping, instead of
-        // waiting, until `busy_poll` after the last request started.
-        let polling = !limits.busy_poll.is_zero()
-            && can_read
-            && conn.budget.requests == 0
-            && Instant::now() < conn.last_start + limits.busy_poll;
+        // waiting (see `poll`).
+        let polling = can_read && conn.budget.requests == 0 && conn.poll.poll_now();
         tokio::select! {
             biased;
             r = std::future::poll_fn(|cx| conn.out.poll_write(cx, &mut writer, &mut conn.pool, &mut conn.budget)), if can_write => {
@@ -399,6 +400,10 @@ where
             () = tokio::task::yield_now(), if polling => {}
             else => break,
         }
+    }
+    if conn.poll.enabled() {
+        let p = &conn.poll;
+        tracing::debug!(hits = p.hits, misses = p.misses, skipped = p.skipped, "busy poll");
     }
     result
 }
@@ -531,6 +536,7 @@ struct Conn {
     discard: u64,
     /// When the last request started (see [`IDLE_RELEASE`]).
     last_start: Instant,
+    poll: BusyPoll,
 }
 
 impl Conn {
@@ -591,6 +597,7 @@ impl Conn {
             self.budget.take(cost);
             let req = InFlight { req, cost, started: Instant::now(), metered: false };
             self.last_start = req.started;
+            self.poll.request_started();
             if self.shutting {
                 // Consume the payload, answer ESHUTDOWN, keep the stream in step.
                 self.discard = payload.unwrap_or(0);
