@@ -451,12 +451,22 @@ fn offline_operations_refuse_a_served_volume() {
     assert!(read_served(fx.dir.path(), &target, &kek2) == std::fs::read(&fx.image).unwrap());
 }
 
+/// Every shell script the project ships or runs: deploy, benches, the test runner, CI.
 #[test]
-fn deploy_script_parses_and_passes_shellcheck() {
-    let root = env!("CARGO_MANIFEST_DIR");
-    for script in ["deploy/aws-migrate.sh", "benches/migrate.sh"] {
-        let p = format!("{root}/{script}");
-        check(run("bash", &["-n", &p]), "bash -n");
-        check(run("shellcheck", &[&p]), "shellcheck");
+fn shell_scripts_parse_and_pass_shellcheck() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut scripts = vec![root.join(".ci/run")];
+    for dir in ["deploy", "benches", "tests"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "sh") {
+                scripts.push(e.path());
+            }
+        }
+    }
+    assert!(scripts.len() >= 8, "{scripts:?}");
+    for p in scripts {
+        let p = p.to_str().unwrap();
+        check(run("bash", &["-n", p]), "bash -n");
+        check(run("shellcheck", &[p]), "shellcheck");
     }
 }
