@@ -58,6 +58,7 @@ pub mod metrics_http;
 pub mod migrate;
 pub mod nbd;
 pub mod notify;
+pub mod rate_limit;
 pub mod server;
 pub mod tls;
 pub mod units;

@@ -19,6 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::errno;
+use crate::rate_limit::RateLimit;
 
 /// What a request asked for, as counted: the NBD commands that move or describe data, and
 /// `Other` for the rest (the protocol layer maps its commands onto these).
@@ -42,6 +43,20 @@ impl Op {
 
 /// Label values of [`Op`], in its order.
 pub const COMMANDS: [&str; 7] = ["read", "write", "flush", "trim", "write_zeroes", "cache", "other"];
+
+/// What a quiet connection's busy poll came to (see `nbd::transmission::poll`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollOutcome {
+    /// A request came within the window.
+    Hit,
+    /// The window ended without one: the connection backs off.
+    Miss,
+    /// Backing off: the connection slept at once.
+    Skipped,
+}
+
+/// Label values of [`PollOutcome`], in its order.
+pub const POLL_OUTCOMES: [&str; 3] = ["hit", "miss", "skipped"];
 
 /// Latency histogram bucket upper bounds, in microseconds (50 µs to 10 s).
 pub const BUCKETS_US: [u64; 16] = [
@@ -105,9 +120,11 @@ pub struct ExportMetrics {
     connections_total: AtomicU64,
     /// Writes the raw volume held up (see `export::backpressure`).
     slow_writes: AtomicU64,
+    /// Quiet periods of connections, by [`PollOutcome`].
+    busy_polls: [AtomicU64; POLL_OUTCOMES.len()],
     /// Unix seconds of the last unlock (open or resume); 0 while suspended.
     unlocked_at: AtomicU64,
-    warn_limit: Mutex<WarnWindow>,
+    warn_limit: WarnLimit,
     /// Connected clients (for `nbdcrypt status`), by connection id. Touched only at connect
     /// and disconnect.
     clients: Mutex<BTreeMap<u64, ClientInfo>>,
@@ -122,11 +139,14 @@ pub struct ClientInfo {
     pub since: u64,
 }
 
-#[derive(Debug, Default)]
-struct WarnWindow {
-    start: Option<Instant>,
-    logged: u32,
-    suppressed: u64,
+/// The export's rate limit on warn lines: [`WARN_BURST`] per [`WARN_WINDOW`].
+#[derive(Debug)]
+struct WarnLimit(RateLimit);
+
+impl Default for WarnLimit {
+    fn default() -> Self {
+        WarnLimit(RateLimit::new(WARN_BURST, WARN_WINDOW))
+    }
 }
 
 /// Whether a request failure is worth a (rate-limited) warning.
@@ -180,32 +200,14 @@ impl ExportMetrics {
             tracing::debug!(%export, command, offset, len, errno, %error, "request failed");
             return;
         }
-        let (warn, suppressed_before) = self.warn_admit(Instant::now());
-        if let Some(n) = suppressed_before {
+        let admit = self.warn_limit.0.admit(Instant::now());
+        if let Some(n) = admit.suppressed_before {
             tracing::warn!(%export, suppressed = n, window_secs = WARN_WINDOW.as_secs(), "suppressed request-error warnings");
         }
-        if warn {
+        if admit.log {
             tracing::warn!(%export, command, offset, len, errno, %error, "request failed");
         } else {
             tracing::debug!(%export, command, offset, len, errno, %error, "request failed");
-        }
-    }
-
-    /// The rate limit: whether a failure at `now` may be logged at warn, and the count of
-    /// warnings suppressed in the window that `now` closed, if any.
-    fn warn_admit(&self, now: Instant) -> (bool, Option<u64>) {
-        let mut w = self.warn_limit.lock().unwrap_or_else(|p| p.into_inner());
-        let mut closed = None;
-        if w.start.is_none_or(|s| now.duration_since(s) >= WARN_WINDOW) {
-            closed = (w.suppressed > 0).then_some(w.suppressed);
-            *w = WarnWindow { start: Some(now), logged: 0, suppressed: 0 };
-        }
-        if w.logged < WARN_BURST {
-            w.logged += 1;
-            (true, closed)
-        } else {
-            w.suppressed += 1;
-            (false, closed)
         }
     }
 
@@ -228,6 +230,11 @@ impl ExportMetrics {
     /// A write to the raw volume took long enough that the device must have held it up.
     pub fn slow_write(&self) {
         self.slow_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A connection's quiet period came to `o`.
+    pub fn busy_poll(&self, o: PollOutcome) {
+        self.busy_polls[o as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Records that the volume was unlocked now (`None`: it was locked, i.e. suspended).
@@ -482,6 +489,18 @@ pub fn encode(exports: &[ExportView<'_>], process: ProcessView) -> String {
     );
     per_export(
         &mut out,
+        "nbdcrypt_busy_polls_total",
+        "counter",
+        "Quiet periods of connections (nothing in flight) by what the busy poll came to: hit (a request \
+         came within the window), miss (none came; the connection backs off), skipped (backing off).",
+        &|o, e, l| {
+            for (name, n) in POLL_OUTCOMES.iter().zip(&e.metrics.busy_polls) {
+                let _ = writeln!(o, "nbdcrypt_busy_polls_total{{{l},outcome=\"{name}\"}} {}", load(n));
+            }
+        },
+    );
+    per_export(
+        &mut out,
         "nbdcrypt_unlocked_time_seconds",
         "gauge",
         "When the volume was last unlocked (open or resume), in unix seconds; 0 while suspended.",
@@ -580,17 +599,6 @@ mod tests {
         assert_eq!(d.errors["other"], 40 - MAX_ERROR_CODES as u64);
         assert_eq!(d.ok, 1);
         assert_eq!(d.latency.count(), 41);
-    }
-
-    #[test]
-    fn warnings_are_limited_per_window_then_summarised() {
-        let m = ExportMetrics::default();
-        let t0 = Instant::now();
-        let admitted = (0..25).filter(|_| m.warn_admit(t0).0).count();
-        assert_eq!(admitted, WARN_BURST as usize);
-        // The next window reports the 15 suppressed and logs again.
-        assert_eq!(m.warn_admit(t0 + WARN_WINDOW), (true, Some(15)));
-        assert_eq!(m.warn_admit(t0 + WARN_WINDOW), (true, None));
     }
 
     #[test]

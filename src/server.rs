@@ -18,7 +18,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::logging::error_chain;
 use crate::nbd::handshake::{self, Catalog, HandshakeError, Negotiated, Outcome, TlsState};
 use crate::nbd::transmission::{self, Limits, Transport};
+use crate::rate_limit::RateLimit;
 use crate::tls::TlsSetup;
 use crate::workers::Workers;
 
@@ -229,6 +230,12 @@ static HANDSHAKE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
 /// The log lines for those: anyone who can reach a listener can make them.
 static REFUSED_LOG: Throttle = Throttle::new();
 static HANDSHAKE_LOG: Throttle = Throttle::new();
+/// Client connections logged at info (connected, then disconnected) per second; the others
+/// at debug, and counted in one line when the next second's first connection is logged. A
+/// client that completes handshakes in a loop (a script, or anyone a Unix socket or a TCP
+/// listener without TLS admits) could otherwise write two lines per connection.
+pub const CONNECTION_LOG_BURST: u32 = 16;
+static CONNECTION_LOG: RateLimit = RateLimit::new(CONNECTION_LOG_BURST, Duration::from_secs(1));
 
 /// Counts of connections that never got to the transmission phase, for the metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -468,14 +475,24 @@ where
     let export = neg.export.name().to_owned();
     let exp = neg.export.clone();
     let client = exp.metrics().connection_opened(peer);
-    tracing::info!(
-        %peer, %export, structured = neg.structured_replies, extended = neg.extended_headers, tls,
-        "client connected"
-    );
+    let admit = CONNECTION_LOG.admit(Instant::now());
+    if let Some(n) = admit.suppressed_before {
+        tracing::info!(connections = n, per_second = CONNECTION_LOG_BURST, "client connections logged at debug only");
+    }
+    let (structured, extended) = (neg.structured_replies, neg.extended_headers);
+    if admit.log {
+        tracing::info!(%peer, %export, structured, extended, tls, "client connected");
+    } else {
+        tracing::debug!(%peer, %export, structured, extended, tls, "client connected");
+    }
     let (r, w) = tokio::io::split(stream);
-    match transmission::serve(r, w, neg, ctx.opts.limits, transport, ctx.shutdown.clone()).await {
-        Ok(()) => tracing::info!(%peer, %export, "client disconnected"),
-        Err(e) => tracing::info!(%peer, %export, error = %error_chain(&e), "connection closed"),
+    let result = transmission::serve(r, w, neg, ctx.opts.limits, transport, ctx.shutdown.clone()).await;
+    // A connection's two lines go to the same level.
+    match (result, admit.log) {
+        (Ok(()), true) => tracing::info!(%peer, %export, "client disconnected"),
+        (Ok(()), false) => tracing::debug!(%peer, %export, "client disconnected"),
+        (Err(e), true) => tracing::info!(%peer, %export, error = %error_chain(&e), "connection closed"),
+        (Err(e), false) => tracing::debug!(%peer, %export, error = %error_chain(&e), "connection closed"),
     }
     exp.metrics().connection_closed(client);
 }

@@ -334,7 +334,7 @@ where
         let quiet = conn.budget.requests == 0 && conn.pool.idle_bytes() > 0;
         // Busy poll: yield to the runtime, which checks the sockets without sleeping, instead of
         // waiting (see `poll`).
-        let polling = can_read && conn.budget.requests == 0 && conn.poll.poll_now();
+        let polling = can_read && conn.budget.requests == 0 && conn.poll.poll_now(conn.export.metrics());
         tokio::select! {
             biased;
             r = std::future::poll_fn(|cx| conn.out.poll_write(cx, &mut writer, &mut conn.pool, &mut conn.budget)), if can_write => {
@@ -597,7 +597,7 @@ impl Conn {
             self.budget.take(cost);
             let req = InFlight { req, cost, started: Instant::now(), metered: false };
             self.last_start = req.started;
-            self.poll.request_started();
+            self.poll.request_started(self.export.metrics());
             if self.shutting {
                 // Consume the payload, answer ESHUTDOWN, keep the stream in step.
                 self.discard = payload.unwrap_or(0);

@@ -12,6 +12,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::metrics::{ExportMetrics, PollOutcome};
+
 /// Most quiet periods skipped after a run of misses: at 10k requests per second, a probe every
 /// 26 ms, and about 0.2 µs of polling per request at 50 µs windows.
 pub(super) const MAX_BACKOFF: u32 = 256;
@@ -25,7 +27,8 @@ pub(super) struct BusyPoll {
     skip: u32,
     /// The last back-off: doubled by a miss, cleared by a hit.
     backoff: u32,
-    /// Quiet periods that polled and caught a request, polled in vain, or were skipped.
+    /// Quiet periods that polled and caught a request, polled in vain, or were skipped (also
+    /// counted in the export's metrics; these are for the connection's last log line).
     pub(super) hits: u64,
     pub(super) misses: u64,
     pub(super) skipped: u64,
@@ -52,9 +55,10 @@ impl BusyPoll {
     }
 
     /// A request started: a poll that was running caught it.
-    pub(super) fn request_started(&mut self) {
+    pub(super) fn request_started(&mut self, m: &ExportMetrics) {
         if let State::Polling(_) = self.state {
             self.hits += 1;
+            m.busy_poll(PollOutcome::Hit);
             self.backoff = 0;
         }
         self.state = State::Busy;
@@ -62,13 +66,14 @@ impl BusyPoll {
 
     /// Nothing is in flight and the connection waits for the client: true to poll (yield to
     /// the runtime and check again), false to sleep until something happens.
-    pub(super) fn poll_now(&mut self) -> bool {
+    pub(super) fn poll_now(&mut self, m: &ExportMetrics) -> bool {
         match self.state {
             State::Asleep => false,
             _ if !self.enabled() => false,
             State::Busy if self.skip > 0 => {
                 self.skip -= 1;
                 self.skipped += 1;
+                m.busy_poll(PollOutcome::Skipped);
                 self.state = State::Asleep;
                 false
             }
@@ -79,6 +84,7 @@ impl BusyPoll {
             State::Polling(since) if since.elapsed() < self.window => true,
             State::Polling(_) => {
                 self.misses += 1;
+                m.busy_poll(PollOutcome::Miss);
                 self.backoff = (self.backoff * 2).clamp(1, MAX_BACKOFF);
                 self.skip = self.backoff;
                 self.state = State::Asleep;
@@ -92,11 +98,16 @@ impl BusyPoll {
 mod tests {
     use super::*;
 
+    /// The export's counters are checked end to end (tests/ops.rs); here they only sink.
+    fn m() -> ExportMetrics {
+        ExportMetrics::default()
+    }
+
     /// Quiet periods (each ended by a request) that sleep at once, until one polls.
     fn skipped_run(p: &mut BusyPoll) -> u32 {
         let mut n = 0;
-        while !p.poll_now() {
-            p.request_started();
+        while !p.poll_now(&m()) {
+            p.request_started(&m());
             n += 1;
         }
         n
@@ -104,19 +115,19 @@ mod tests {
 
     /// The poll running now ends without a request.
     fn miss(p: &mut BusyPoll) {
-        assert!(p.poll_now(), "polling");
+        assert!(p.poll_now(&m()), "polling");
         std::thread::sleep(p.window + Duration::from_millis(1));
-        assert!(!p.poll_now(), "the window ended");
-        assert!(!p.poll_now(), "asleep until a request");
-        p.request_started();
+        assert!(!p.poll_now(&m()), "the window ended");
+        assert!(!p.poll_now(&m()), "asleep until a request");
+        p.request_started(&m());
     }
 
     #[test]
     fn zero_window_never_polls() {
         let mut p = BusyPoll::new(Duration::ZERO);
         for _ in 0..3 {
-            assert!(!p.poll_now());
-            p.request_started();
+            assert!(!p.poll_now(&m()));
+            p.request_started(&m());
         }
         assert_eq!((p.hits, p.misses, p.skipped), (0, 0, 0));
     }
@@ -125,9 +136,9 @@ mod tests {
     fn a_client_that_comes_back_in_time_is_polled_for_every_time() {
         let mut p = BusyPoll::new(Duration::from_secs(10));
         for _ in 0..100 {
-            assert!(p.poll_now());
-            assert!(p.poll_now());
-            p.request_started();
+            assert!(p.poll_now(&m()));
+            assert!(p.poll_now(&m()));
+            p.request_started(&m());
         }
         assert_eq!((p.hits, p.misses, p.skipped), (100, 0, 0));
     }
@@ -145,11 +156,11 @@ mod tests {
         assert_eq!(expect, MAX_BACKOFF);
         assert_eq!(p.misses, 11);
         // The probe that polls now is hit: every quiet period polls again.
-        p.request_started();
+        p.request_started(&m());
         assert_eq!(p.hits, 1);
         for _ in 0..10 {
-            assert!(p.poll_now());
-            p.request_started();
+            assert!(p.poll_now(&m()));
+            p.request_started(&m());
         }
         // And the next miss skips one period only.
         miss(&mut p);
