@@ -1,5 +1,6 @@
 //! A burst-per-window rate limit for log lines that clients can make the daemon repeat:
-//! request failures that are the server's fault (per export), client connections. Anyone who
+//! request failures that are the server's fault (per export), client connections, refused
+//! connections and failed handshakes. Anyone who
 //! can reach a listener could otherwise write lines at the rate they connect or fail, and use
 //! up a journal's own rate limit (journald's default: 10,000 lines in 30 s per service), so
 //! that the lines that matter get dropped with theirs.

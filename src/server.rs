@@ -227,9 +227,10 @@ static REFUSED: AtomicU64 = AtomicU64::new(0);
 static HANDSHAKE_ERRORS: AtomicU64 = AtomicU64::new(0);
 /// Handshakes that ran past the handshake timeout, since start.
 static HANDSHAKE_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
-/// The log lines for those: anyone who can reach a listener can make them.
-static REFUSED_LOG: Throttle = Throttle::new();
-static HANDSHAKE_LOG: Throttle = Throttle::new();
+/// The log lines for those: anyone who can reach a listener can make them. One a second,
+/// standing for the events since the line before ([`logged_events`]).
+static REFUSED_LOG: RateLimit = RateLimit::new(1, Duration::from_secs(1));
+static HANDSHAKE_LOG: RateLimit = RateLimit::new(1, Duration::from_secs(1));
 /// Client connections logged at info (connected, then disconnected) per second; the others
 /// at debug, and counted in one line when the next second's first connection is logged. A
 /// client that completes handshakes in a loop (a script, or anyone a Unix socket or a TCP
@@ -257,29 +258,12 @@ pub fn connection_counters() -> ConnectionCounters {
     }
 }
 
-/// A log line that a flood of connections would repeat (a refusal at the cap, a failed
-/// handshake): written at most once a second, with the number of events it stands for. A
-/// flood then cannot flood the log, nor use up a journal's rate limit (journald's default: 10,000
-/// lines in 30 s per service) and get the lines that matter dropped with it.
-#[derive(Debug)]
-struct Throttle {
-    last_logged_sec: AtomicU64,
-    unlogged: AtomicU64,
-}
-
-impl Throttle {
-    const fn new() -> Throttle {
-        Throttle { last_logged_sec: AtomicU64::new(0), unlogged: AtomicU64::new(0) }
-    }
-
-    /// Counts one event; `Some(n)` when this one is to be logged, `n` being the events since
-    /// the last line (this one included).
-    fn admit(&self) -> Option<u64> {
-        let now =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or_default();
-        self.unlogged.fetch_add(1, Ordering::Relaxed);
-        (self.last_logged_sec.swap(now, Ordering::Relaxed) != now).then(|| self.unlogged.swap(0, Ordering::Relaxed))
-    }
+/// Counts one event under a one-line-a-second limit: `Some(n)` when this one is to be logged,
+/// `n` being the events since the last line (this one included: each window's first event is
+/// the one logged, so the rest of that window is what its next line stands for too).
+fn logged_events(limit: &RateLimit) -> Option<u64> {
+    let admit = limit.admit(Instant::now());
+    admit.log.then(|| admit.suppressed_before.unwrap_or(0) + 1)
 }
 
 #[derive(Clone)]
@@ -309,7 +293,7 @@ async fn accept_loop(listener: Listener, mut ctx: AcceptCtx, workers: Option<Arc
         };
         let Ok(permit) = ctx.cap.clone().try_acquire_owned() else {
             REFUSED.fetch_add(1, Ordering::Relaxed);
-            if let Some(refused) = REFUSED_LOG.admit() {
+            if let Some(refused) = logged_events(&REFUSED_LOG) {
                 let cap = ctx.opts.max_connections;
                 tracing::warn!(%peer, max_connections = cap, refused, "connection refused: connection limit reached");
             }
@@ -447,14 +431,14 @@ where
     let ready = match ready {
         Err(_) => {
             HANDSHAKE_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
-            if let Some(failures) = HANDSHAKE_LOG.admit() {
+            if let Some(failures) = logged_events(&HANDSHAKE_LOG) {
                 tracing::info!(%peer, failures, "handshake timed out");
             }
             return;
         }
         Ok(Err(e)) => {
             HANDSHAKE_ERRORS.fetch_add(1, Ordering::Relaxed);
-            if let Some(failures) = HANDSHAKE_LOG.admit() {
+            if let Some(failures) = logged_events(&HANDSHAKE_LOG) {
                 tracing::info!(%peer, failures, error = %error_chain(&e), "handshake failed");
             }
             return;

@@ -819,7 +819,7 @@ fn busy_poll_backs_off_from_a_client_that_does_not_come_back_in_time() {
     let out = check(run(PY, &["-c", script, &d.uri, &N.to_string()]), "slow QD1 reads");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
     d.wait_for_log("\"busy poll\"");
-    // Summed over the connections (one here, unless the harness's readiness probe made one).
+    // Summed over the connections (one here: the harness waits for the log's "ready" line).
     let [hits, misses, skipped] =
         ["hits", "misses", "skipped"].map(|k| log_fields(&d, &["busy poll"], k).iter().sum::<u64>());
     eprintln!("busy poll: {hits} hits, {misses} misses, {skipped} skipped of {N} requests");
