@@ -150,7 +150,8 @@ impl FileBackend {
     /// The `O_DIRECT` descriptor, if this I/O can use it.
     fn direct_for(&self, buf: &[u8], offset: u64) -> Option<&File> {
         let a = self.align;
-        let aligned = offset % a == 0 && buf.len() as u64 % a == 0 && buf.as_ptr() as u64 % a == 0;
+        let aligned =
+            offset.is_multiple_of(a) && (buf.len() as u64).is_multiple_of(a) && (buf.as_ptr() as u64).is_multiple_of(a);
         self.direct.as_ref().filter(|_| aligned)
     }
 }

@@ -146,7 +146,7 @@ impl SectorCipher {
             return self.run(&self.dec, first, src, dst);
         }
         let ss = self.sector_size.bytes_usize();
-        if dst.len() % ss != 0 {
+        if !dst.len().is_multiple_of(ss) {
             return Err(CipherError::UnalignedBuffer { len: dst.len(), sector_size: self.sector_size.bytes() });
         }
         let n = dst.len() / ss;
@@ -184,7 +184,7 @@ impl SectorCipher {
         buf: &mut [u8],
     ) -> Result<(), CipherError> {
         let ss = self.sector_size.bytes_usize();
-        if buf.len() % ss != 0 {
+        if !buf.len().is_multiple_of(ss) {
             return Err(CipherError::UnalignedBuffer { len: buf.len(), sector_size: self.sector_size.bytes() });
         }
         let count = u64::try_from(buf.len() / ss).map_err(|_| CipherError::SectorOverflow)?;

@@ -43,8 +43,8 @@ impl SoftXts {
     }
 
     fn run(&self, first: SectorIndex, unit: usize, buf: &mut [u8], encrypt: bool) {
-        assert!(unit % BLOCK == 0 && unit > 0, "data unit must be a positive multiple of 16");
-        assert!(buf.len() % unit == 0, "buffer must hold whole data units");
+        assert!(unit.is_multiple_of(BLOCK) && unit > 0, "data unit must be a positive multiple of 16");
+        assert!(buf.len().is_multiple_of(unit), "buffer must hold whole data units");
         let mut blocks = vec![Block::default(); unit / BLOCK];
         let mut tweaks = vec![0u128; unit / BLOCK];
         for (i, sector) in buf.chunks_exact_mut(unit).enumerate() {

@@ -526,7 +526,7 @@ impl Export {
         let last = buf.len() - s;
         // The tail block needs reading if the range ends inside it, unless it is the head
         // block already read above.
-        if tail_end % s != 0 && (last != 0 || head == 0) {
+        if !tail_end.is_multiple_of(s) && (last != 0 || head == 0) {
             let off = wide.offset + last as u64;
             self.read_raw(ByteRange { offset: off, len: s as u64 }, &mut buf[last..], false)?;
         }

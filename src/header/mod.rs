@@ -327,7 +327,7 @@ impl Header {
                 format!("{} is inside the header areas (minimum {DEFAULT_DATA_OFFSET})", self.data_offset),
             ));
         }
-        if self.data_offset % 4096 != 0 || !self.sector_size.is_aligned(self.data_offset) {
+        if !self.data_offset.is_multiple_of(4096) || !self.sector_size.is_aligned(self.data_offset) {
             return Err(field("data_offset", format!("{} is not a multiple of 4096", self.data_offset)));
         }
         if self.data_size == 0 {

@@ -159,7 +159,7 @@ mod crash {
                             s.rng ^= s.rng << 13;
                             s.rng ^= s.rng >> 7;
                             s.rng ^= s.rng << 17;
-                            if s.rng % 3 == 0 {
+                            if s.rng.is_multiple_of(3) {
                                 let end = (sec + 512).min(off + len);
                                 durable[sec..end].copy_from_slice(&s.view[sec..end]);
                             }
