@@ -177,8 +177,8 @@ report() {
     fi
     if [[ $CIPHER == 1 ]]; then
         echo
-        echo "Sector cipher (\`cargo bench --bench xts\`: the \`SectorCipher\` wrapper against AWS-LC's"
-        echo "\`EVP_aes_256_xts\` called directly, GB/s = 1e9 B/s; target ratio ≥ 0.9):"
+        echo "Sector cipher (\`cargo bench --bench xts\`: \`SectorCipher\` on each engine against AWS-LC's"
+        echo "\`EVP_aes_256_xts\` called directly, GB/s = 1e9 B/s; target ratio ≥ 0.9; * = the engine used):"
         echo
         echo '```text'
         cat "$OUT_DIR/xts.txt"

@@ -19,7 +19,7 @@ use std::ptr;
 use std::time::{Duration, Instant};
 
 use aws_lc_sys as ffi;
-use nbdcrypt::crypto::{SectorCipher, VolumeKey};
+use nbdcrypt::crypto::{CipherEngine, SectorCipher, VolumeKey};
 use nbdcrypt::units::{SectorIndex, SectorSize};
 
 /// Alternating measurement rounds per configuration.
@@ -127,13 +127,31 @@ fn human(bytes: usize) -> String {
 fn main() {
     let key = VolumeKey::generate().expect("key");
     println!("AES-256-XTS-plain64, single thread, best of {ROUNDS} alternating {SLICE:?} slices (GB/s = 1e9 B/s)");
+    println!("wrap = SectorCipher on the engine named (* = the one SectorCipher::new picks here)");
     println!(
-        "{:>6} {:>8} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6}",
-        "sector", "request", "enc wrap", "enc EVP", "ratio", "dec wrap", "dec EVP", "ratio"
+        "{:>6} {:>8} {:>13} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6}",
+        "sector", "request", "engine", "enc wrap", "enc EVP", "ratio", "dec wrap", "dec EVP", "ratio"
     );
+    let mut engines = vec![CipherEngine::AwsLc];
+    if CipherEngine::wide_supported() {
+        engines.push(CipherEngine::Wide);
+    }
     for size in SIZES {
-        let cipher = SectorCipher::new(&key, size).expect("cipher");
-        let mut direct = Direct::new(&key, size);
+        for &engine in &engines {
+            let cipher = SectorCipher::with_engine(&key, size, engine).expect("cipher");
+            let label = format!("{engine}{}", if engine == CipherEngine::preferred(size) { "*" } else { "" });
+            table_rows(&key, size, &cipher, &label);
+        }
+    }
+
+    println!();
+    two_thread_table(&key);
+}
+
+/// One row per request size: `cipher` against EVP directly, alternating.
+fn table_rows(key: &VolumeKey, size: SectorSize, cipher: &SectorCipher, label: &str) {
+    let mut direct = Direct::new(key, size);
+    {
         for request in REQUESTS {
             let mut buf = vec![0x5Au8; request];
             let first = 1u64 << 20;
@@ -150,7 +168,7 @@ fn main() {
             }
             let [ew, ed, dw, dd] = r.map(|v| best(v) / 1e9);
             println!(
-                "{:>6} {:>8} | {ew:>9.2} {ed:>9.2} {:>6.3} | {dw:>9.2} {dd:>9.2} {:>6.3}",
+                "{:>6} {:>8} {label:>13} | {ew:>9.2} {ed:>9.2} {:>6.3} | {dw:>9.2} {dd:>9.2} {:>6.3}",
                 size.bytes(),
                 human(request),
                 ew / ed,
@@ -158,12 +176,14 @@ fn main() {
             );
         }
     }
+}
 
-    println!();
+/// Two threads at once: the contention of a shared cipher against the ideal.
+fn two_thread_table(key: &VolumeKey) {
     println!("encrypt from 2 threads: one shared SectorCipher vs one EVP context per thread");
     println!("{:>6} {:>8} | {:>9} {:>9} {:>6}", "sector", "request", "enc wrap", "enc EVP", "ratio");
     for size in SIZES {
-        let cipher = SectorCipher::new(&key, size).expect("cipher");
+        let cipher = SectorCipher::new(key, size).expect("cipher");
         for request in [4 << 10, 64 << 10] {
             let (mut w, mut d) = (Vec::new(), Vec::new());
             for _ in 0..ROUNDS / 2 {
@@ -174,7 +194,7 @@ fn main() {
                     })
                 }));
                 d.push(two_threads(|t| {
-                    let mut direct = Direct::new(&key, size);
+                    let mut direct = Direct::new(key, size);
                     let mut buf = vec![0x5Au8; request];
                     rate(request, || direct.encrypt(t << 30, black_box(&mut buf)))
                 }));

@@ -550,7 +550,7 @@ async fn open_export(cfg: &ExportConfig, kms: &KmsOptions, strict_binding: bool)
     tracing::info!(
         export = %cfg.name, device = %backend.describe(), uuid = %h.uuid, slot, provider = %slot_provider, unlock_ms,
         sector_size = h.sector_size.bytes(), size = h.data_size, read_only = cfg.read_only,
-        "volume unlocked"
+        cipher = %crate::crypto::CipherEngine::preferred(h.sector_size), "volume unlocked"
     );
     Ok(Served { cfg: cfg.clone(), export, uuid: h.uuid.to_string(), slot: AtomicU32::new(slot) })
 }
