@@ -325,9 +325,10 @@ fn key_memory_the_os_refuses_to_lock_is_reported_and_the_volume_still_serves() {
 
     let st = status_json(&ctl);
     assert_eq!(st["locked_key_pages"], 0, "{st}");
-    // At least the two templates and one copy per direction: every live key schedule.
+    // Every live key schedule is an allocation the OS refused to lock: on AWS-LC at least the
+    // two templates and one copy per direction, on the wide engine its one set.
     assert!(st["unlocked_key_allocations"].as_u64().unwrap() >= st["cipher_contexts"].as_u64().unwrap(), "{st}");
-    assert!(st["cipher_contexts"].as_u64().unwrap() >= 4, "{st}");
+    assert!(st["cipher_contexts"].as_u64().unwrap() >= 1, "{st}");
     let text = check(nbdcrypt(&["status", "--control-socket", ctl.to_str().unwrap()]), "status");
     assert!(String::from_utf8_lossy(&text.stdout).contains("could not be locked in memory"));
     assert!(d.log_text().contains("could not lock key memory"), "{}", d.log_text());
