@@ -13,7 +13,8 @@
 //! reports stack overflows), or gets the default action.
 //!
 //! Readers never get a Rust reference to mapped memory (another process, or our own writes,
-//! may change it at any time): only [`Mapped`], a pointer that the cipher hands to AWS-LC and
+//! may change it at any time): only [`Mapped`], a pointer that the cipher hands to its engine
+//! (AWS-LC, or the wide XTS, which loads each 64 bytes once into a register) and otherwise
 //! reads with volatile loads.
 
 #![allow(unsafe_code)]

@@ -11,11 +11,12 @@
 //! # Contexts and key lifetime
 //!
 //! The wide engine keeps its key schedules in one [`crate::crypto::Secret`] (locked, wiped
-//! when the cipher is dropped) and needs no context. On AWS-LC, the key schedule is computed once, into a *template* `EVP_CIPHER_CTX` per direction; working
-//! contexts are byte copies of it (`EVP_CIPHER_CTX_copy`) kept in a small lock-free pool, so a
-//! request only takes a context, re-initialises the IV (the tweak) for each sector, calls
-//! `Update` in place and gives the context back. The pool grows to the number of concurrent
-//! callers and keeps at most `SLOTS` (32) idle contexts per direction.
+//! when the cipher is dropped) and needs no context. On AWS-LC, the key schedule is computed
+//! once, into a *template* `EVP_CIPHER_CTX` per direction; working contexts are byte copies of
+//! it (`EVP_CIPHER_CTX_copy`) kept in a small lock-free pool, so a request only takes a
+//! context, re-initialises the IV (the tweak) for each sector, calls `Update` in place and
+//! gives the context back. The pool grows to the number of concurrent callers and keeps at
+//! most `SLOTS` (32) idle contexts per direction.
 //!
 //! The cipher holds no copy of the key outside AWS-LC contexts, and every context is owned by
 //! the [`SectorCipher`] (threads remember only a slot number, never a context): dropping the
@@ -91,7 +92,7 @@ pub enum CipherEngine {
 
 impl CipherEngine {
     /// The engine [`SectorCipher::new`] picks for `sector_size` on this CPU: the wide one
-    /// where the CPU has it (`benches/xts.rs`: about 1.75× AWS-LC with 512-byte sectors, 1.1×
+    /// where the CPU has it (`benches/xts.rs`: 1.8–1.9× AWS-LC with 512-byte sectors, 1.05–1.13×
     /// with 4096), unless the environment variable `NBDCRYPT_CIPHER=aws-lc` asks for AWS-LC.
     pub fn preferred(sector_size: SectorSize) -> CipherEngine {
         if sector_size.bytes_usize().is_multiple_of(512) && Self::wide_supported() && !aws_lc_requested() {
