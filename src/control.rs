@@ -60,7 +60,8 @@ pub struct DaemonStatus {
     pub version: String,
     pub pid: u32,
     pub uptime_secs: u64,
-    /// AWS-LC XTS contexts (key schedules) alive in the daemon; 0 when every export is suspended.
+    /// Key-schedule holders alive in the daemon (AWS-LC XTS contexts, or one per export on the
+    /// wide engine); 0 when every export is suspended.
     pub cipher_contexts: usize,
     /// Pages `mlock`ed for key memory (secrets and key schedules).
     #[serde(default)]
@@ -84,6 +85,9 @@ pub struct ExportStatus {
     pub size: u64,
     pub sector_size: u32,
     pub read_only: bool,
+    /// The sector cipher's engine (`vaes-avx512` or `aws-lc`); absent while suspended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher: Option<String>,
     pub counters: ExportCounters,
 }
 

@@ -386,7 +386,12 @@ pub fn encode(exports: &[ExportView<'_>], process: ProcessView) -> String {
     let _ = writeln!(out, "nbdcrypt_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
     header(&mut out, "nbdcrypt_start_time_seconds", "gauge", "Start time of the daemon, in unix seconds.");
     let _ = writeln!(out, "nbdcrypt_start_time_seconds {start}");
-    header(&mut out, "nbdcrypt_cipher_contexts", "gauge", "AWS-LC XTS contexts (key schedules) alive in the process.");
+    header(
+        &mut out,
+        "nbdcrypt_cipher_contexts",
+        "gauge",
+        "Key-schedule holders alive in the process: AWS-LC XTS contexts, one per wide-engine cipher.",
+    );
     let _ = writeln!(out, "nbdcrypt_cipher_contexts {}", crate::crypto::live_contexts());
     header(&mut out, "nbdcrypt_key_pages_locked", "gauge", "Pages mlocked for key memory (secrets, key schedules).");
     let _ = writeln!(out, "nbdcrypt_key_pages_locked {}", crate::crypto::mlock::locked_pages());

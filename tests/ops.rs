@@ -265,6 +265,10 @@ fn suspend_holds_io_until_resume_and_the_data_survives() {
     );
     let st = status_json(&ctl);
     assert!(st["cipher_contexts"].as_u64().unwrap() > 0);
+    // The engine serving the volume is named (which one depends on the CPU), and logged.
+    let engine = st["exports"][0]["cipher"].as_str().unwrap_or_default().to_string();
+    assert!(["vaes-avx512", "aws-lc"].contains(&engine.as_str()), "{st}");
+    assert!(d.log_text().contains(&format!(r#""cipher":"{engine}""#)), "{}", d.log_text());
     // Key memory (the key schedules) is mlocked, and the kernel agrees.
     assert_eq!(st["unlocked_key_allocations"], 0, "{st}");
     let pages = st["locked_key_pages"].as_u64().unwrap();
@@ -274,8 +278,9 @@ fn suspend_holds_io_until_resume_and_the_data_survives() {
     check(nbdcrypt(&["suspend", "--control-socket", ctl.to_str().unwrap()]), "suspend");
     let st = status_json(&ctl);
     assert_eq!(st["exports"][0]["state"], "suspended");
-    // The cipher was dropped: no AWS-LC XTS context (key schedule) is left in the daemon.
+    // The cipher was dropped: no key schedule is left in the daemon, and no engine is named.
     assert_eq!(st["cipher_contexts"], 0, "{st}");
+    assert!(st["exports"][0].get("cipher").is_none(), "{st}");
     assert_eq!(st["exports"][0]["counters"]["unlocked_at"], 0);
     // Nor any other key allocation: the secrets' and schedules' page locks are all released.
     assert_eq!((st["locked_key_pages"].as_u64(), st["unlocked_key_allocations"].as_u64()), (Some(0), Some(0)), "{st}");

@@ -130,6 +130,9 @@ fn render(st: &DaemonStatus) -> String {
         );
         if c.unlocked_at > 0 {
             let _ = writeln!(o, "  unlocked    slot {}, at {} (unix seconds)", e.slot, c.unlocked_at);
+            if let Some(engine) = &e.cipher {
+                let _ = writeln!(o, "  cipher      aes-xts-plain64 on {engine}");
+            }
         } else {
             let _ = writeln!(o, "  unlocked    no (key wiped; I/O waits for `nbdcrypt resume`)");
         }

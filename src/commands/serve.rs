@@ -391,6 +391,7 @@ impl Daemon {
                     size: s.export.size(),
                     sector_size: s.export.sector_size().bytes(),
                     read_only: s.export.is_read_only(),
+                    cipher: s.export.cipher_engine().map(|e| e.name().to_string()),
                     counters: s.export.metrics().snapshot(),
                 })
                 .collect(),
@@ -550,7 +551,7 @@ async fn open_export(cfg: &ExportConfig, kms: &KmsOptions, strict_binding: bool)
     tracing::info!(
         export = %cfg.name, device = %backend.describe(), uuid = %h.uuid, slot, provider = %slot_provider, unlock_ms,
         sector_size = h.sector_size.bytes(), size = h.data_size, read_only = cfg.read_only,
-        cipher = %crate::crypto::CipherEngine::preferred(h.sector_size), "volume unlocked"
+        cipher = export.cipher_engine().map_or("none", |e| e.name()), "volume unlocked"
     );
     Ok(Served { cfg: cfg.clone(), export, uuid: h.uuid.to_string(), slot: AtomicU32::new(slot) })
 }

@@ -1,9 +1,9 @@
 //! A sector cipher that can be taken away and given back: what `nbdcrypt suspend` and
 //! `resume` act on (cryptsetup's `luksSuspend` / `luksResume`).
 //!
-//! While the gate is *suspended* it holds no [`SectorCipher`], hence no AWS-LC context and no
-//! key schedule: suspending drops the cipher, whose contexts are freed (and cleansed) by
-//! `EVP_CIPHER_CTX_free`. A cipher call made while suspended does not fail: it waits until the
+//! While the gate is *suspended* it holds no [`SectorCipher`], hence no key schedule:
+//! suspending drops the cipher, which wipes the wide engine's schedules, or frees (and
+//! cleanses) its AWS-LC contexts with `EVP_CIPHER_CTX_free`. A cipher call made while suspended does not fail: it waits until the
 //! gate is resumed with a new cipher (unlocked again through a key slot), or closed at
 //! shutdown, in which case it fails with [`GateError::Closed`].
 //!
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use super::xts::{CipherError, SectorCipher};
+use super::xts::{CipherEngine, CipherError, SectorCipher};
 use crate::backend::Mapped;
 use crate::units::SectorIndex;
 
@@ -62,6 +62,11 @@ impl CipherGate {
             state: Mutex::new(GateState::Active),
             resumed: Condvar::new(),
         }
+    }
+
+    /// The engine of the cipher held; `None` while suspended (no cipher, no key).
+    pub fn engine(&self) -> Option<CipherEngine> {
+        self.cipher.load().as_ref().map(|c| c.engine())
     }
 
     /// Encrypts whole sectors in place, waiting while the gate is suspended.

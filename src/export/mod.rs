@@ -268,6 +268,11 @@ impl Export {
         self.cipher.state()
     }
 
+    /// The sector cipher's engine; `None` while suspended.
+    pub fn cipher_engine(&self) -> Option<crate::crypto::CipherEngine> {
+        self.cipher.engine()
+    }
+
     pub fn name(&self) -> &str {
         &self.opts.name
     }
