@@ -3,9 +3,10 @@
 //!
 //! While the gate is *suspended* it holds no [`SectorCipher`], hence no key schedule:
 //! suspending drops the cipher, which wipes the wide engine's schedules, or frees (and
-//! cleanses) its AWS-LC contexts with `EVP_CIPHER_CTX_free`. A cipher call made while suspended does not fail: it waits until the
-//! gate is resumed with a new cipher (unlocked again through a key slot), or closed at
-//! shutdown, in which case it fails with [`GateError::Closed`].
+//! cleanses) its AWS-LC contexts with `EVP_CIPHER_CTX_free`. A cipher call made while
+//! suspended does not fail: it waits until the gate is resumed with a new cipher (unlocked
+//! again through a key slot), or closed at shutdown, in which case it fails with
+//! [`GateError::Closed`].
 //!
 //! # Cost on the hot path
 //!

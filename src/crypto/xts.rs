@@ -368,9 +368,9 @@ fn mapped_is_zero(m: Mapped<'_>) -> bool {
 }
 
 /// AWS-LC XTS contexts alive in the whole process, over every cipher (templates, idle and in
-/// use), plus one per wide-engine cipher (its schedules). Each holds a key schedule; zero means
-/// no volume key schedule is left. Reported by `nbdcrypt status` so an operator (and the suspend test) can see that a
-/// suspend really freed them.
+/// use), plus one per wide-engine cipher (its schedules). Each holds a key schedule; zero
+/// means no volume key schedule is left. Reported by `nbdcrypt status` so an operator (and
+/// the suspend test) can see that a suspend really freed them.
 static LIVE_CONTEXTS: AtomicUsize = AtomicUsize::new(0);
 
 /// The number of key-schedule holders (AWS-LC XTS contexts, wide-engine schedules) alive in
