@@ -143,7 +143,7 @@ fn main() {
     for size in SIZES {
         for &engine in &engines {
             let cipher = SectorCipher::with_engine(&key, size, engine).expect("cipher");
-            let label = format!("{engine}{}", if engine == CipherEngine::preferred(size) { "*" } else { "" });
+            let label = format!("{engine}{}", if engine == CipherEngine::preferred() { "*" } else { "" });
             table_rows(&key, size, &cipher, &label);
         }
     }

@@ -47,7 +47,7 @@ fn cipher_table(d: Duration) {
     for ss in [SectorSize::S512, SectorSize::S4096] {
         for req in [4096usize, 64 << 10, 1 << 20] {
             let enc = crate::crypto::xts::measure_throughput(ss, req, d);
-            let engine = crate::crypto::CipherEngine::preferred(ss);
+            let engine = crate::crypto::CipherEngine::preferred();
             println!("{:>8} {:>9}K {:>8.1} MiB/s {engine:>12}", ss.bytes(), req >> 10, enc / 1048576.0);
         }
     }

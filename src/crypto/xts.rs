@@ -91,11 +91,12 @@ pub enum CipherEngine {
 }
 
 impl CipherEngine {
-    /// The engine [`SectorCipher::new`] picks for `sector_size` on this CPU: the wide one
-    /// where the CPU has it (`benches/xts.rs`: 1.8–1.9× AWS-LC with 512-byte sectors, 1.05–1.13×
-    /// with 4096), unless the environment variable `NBDCRYPT_CIPHER=aws-lc` asks for AWS-LC.
-    pub fn preferred(sector_size: SectorSize) -> CipherEngine {
-        if sector_size.bytes_usize().is_multiple_of(512) && Self::wide_supported() && !aws_lc_requested() {
+    /// The engine [`SectorCipher::new`] picks on this CPU, for either sector size: the wide
+    /// one where the CPU has it (`benches/xts.rs`: 1.8–1.9× AWS-LC with 512-byte sectors,
+    /// 1.05–1.13× with 4096), unless the environment variable `NBDCRYPT_CIPHER=aws-lc` asks for
+    /// AWS-LC.
+    pub fn preferred() -> CipherEngine {
+        if Self::wide_supported() && !aws_lc_requested() {
             CipherEngine::Wide
         } else {
             CipherEngine::AwsLc
@@ -178,19 +179,18 @@ impl SectorCipher {
     /// Builds the cipher for `key` (Key1 || Key2) and the volume's sector size. Refuses a key
     /// whose halves are equal.
     pub fn new(key: &VolumeKey, sector_size: SectorSize) -> Result<Self, CipherError> {
-        Self::with_engine(key, sector_size, CipherEngine::preferred(sector_size))
+        Self::with_engine(key, sector_size, CipherEngine::preferred())
     }
 
     /// As [`SectorCipher::new`], on the given engine (benchmarks and tests compare them).
-    /// [`CipherEngine::Wide`] where the CPU lacks it, or with a sector size that is not a
-    /// multiple of 512, falls back to AWS-LC.
+    /// [`CipherEngine::Wide`] where the CPU lacks it falls back to AWS-LC.
     pub fn with_engine(key: &VolumeKey, sector_size: SectorSize, engine: CipherEngine) -> Result<Self, CipherError> {
         if !key.halves_differ() {
             return Err(CipherError::EqualKeyHalves);
         }
         let live = Arc::new(AtomicUsize::new(0));
         #[cfg(target_arch = "x86_64")]
-        if engine == CipherEngine::Wide && sector_size.bytes_usize().is_multiple_of(512) {
+        if engine == CipherEngine::Wide {
             if let Some(w) = WideXts::new(key) {
                 let engine = Engine::Wide(Counted::new(w, &live));
                 return Ok(SectorCipher { sector_size, engine, live, zero_sectors: false });
@@ -315,8 +315,8 @@ impl SectorCipher {
             Engine::Wide(w) => {
                 // SAFETY: `src` is `buf` itself or a mapping of `buf.len()` readable bytes
                 // that does not overlap it (checked by the callers); `buf.len()` is whole
-                // sectors, the sector size a multiple of 512 (checked when building the
-                // engine), and `first + count` was checked above not to overflow.
+                // sectors, the sector size (a `SectorSize`: 512 or 4096) a multiple of 512,
+                // and `first + count` was checked above not to overflow.
                 unsafe { w.inner.crypt(dir, first.0, ss, src, dst, buf.len()) };
                 return Ok(());
             }
@@ -910,13 +910,13 @@ mod tests {
 
     #[test]
     fn preferred_engine_is_wide_where_the_cpu_has_it() {
-        let want = if CipherEngine::wide_supported() && std::env::var_os("NBDCRYPT_CIPHER").is_none() {
+        let want = if CipherEngine::wide_supported() && !aws_lc_requested() {
             CipherEngine::Wide
         } else {
             CipherEngine::AwsLc
         };
         for size in [SectorSize::S512, SectorSize::S4096] {
-            assert_eq!(CipherEngine::preferred(size), want);
+            assert_eq!(CipherEngine::preferred(), want);
             assert_eq!(SectorCipher::new(&VolumeKey::generate().unwrap(), size).unwrap().engine(), want);
         }
     }
